@@ -1,0 +1,1 @@
+"""The punch-agent: registers with the rendezvous, punches tunnels, hands them to local programs."""

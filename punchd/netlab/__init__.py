@@ -1,0 +1,1 @@
+"""The NAT test lab: real Linux NATs built from network namespaces and nftables."""

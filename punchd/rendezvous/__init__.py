@@ -1,0 +1,1 @@
+"""The public rendezvous server: STUN Binding for anyone, introductions for registered agents."""
