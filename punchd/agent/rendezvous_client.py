@@ -1,0 +1,206 @@
+"""
+The agent's main UDP socket: authenticated requests to the rendezvous, and
+the introductions it forwards to us.
+
+This is the transport under the registration machine and the tunnels: it
+signs, numbers, retransmits and matches requests, follows the server's
+nonces, and never acts on a datagram that does not verify.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import DatagramProtocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from punchd import stun, wire
+from punchd.retransmit import Backoff, Transactions
+from punchd.stun import Attr, MessageClass, Method
+
+log = Logger()
+
+REQUEST_BACKOFF = Backoff(initial=0.5, maximum=2.0, attempts=5)
+RECENT_INCOMING = 256
+HINT_INTERVAL = 60.0
+
+#: What an Incoming handler answers: the reply class and its attributes.
+IncomingAnswer = tuple[MessageClass, list[tuple[int, bytes]]]
+Attributes = Sequence[tuple[int, bytes]] | Callable[[bytes], Sequence[tuple[int, bytes]]]
+
+
+class RendezvousError(Exception):
+    """
+    The rendezvous answered a request with an error.
+    """
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(f"{code} {reason}")
+        self.code = code
+        self.reason = reason
+        self.name = wire.ERROR_NAMES.get(code, "internal")
+
+
+class RendezvousClient(DatagramProtocol):
+    """
+    Speaks for one agent to one rendezvous server.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        key: bytes,
+        clock: IReactorTime,
+        on_incoming: Callable[[stun.Message], Deferred[IncomingAnswer]],
+    ) -> None:
+        self.name = name
+        self._key = key
+        self._clock = clock
+        self._on_incoming = on_incoming
+        self.server: tuple[str, int] | None = None
+        self._nonce: bytes | None = None
+        self._sequence = time.time_ns() // 1000
+        self._transactions: Transactions[stun.Message] = Transactions(clock)
+        self._incoming: OrderedDict[bytes, bytes | None] = OrderedDict()
+        self._last_hint = -HINT_INTERVAL
+        self.counters: dict[str, int] = {}
+
+    def _count(self, what: str) -> None:
+        self.counters[what] = self.counters.get(what, 0) + 1
+
+    # -- requests ---------------------------------------------------------
+
+    def request(
+        self,
+        method: int,
+        attributes: Attributes = (),
+        backoff: Backoff = REQUEST_BACKOFF,
+    ) -> Deferred[stun.Message]:
+        """
+        Send an authenticated request; fire with the verified success
+        response, or fail with L{RendezvousError} or L{RequestTimedOut}.
+        C{attributes} may be a function of the transaction id, for values
+        (like candidates) encoded with it.
+        """
+        return self._attempt(method, attributes, backoff, nonce_retries=2)
+
+    def _attempt(
+        self,
+        method: int,
+        attributes: Attributes,
+        backoff: Backoff,
+        nonce_retries: int,
+    ) -> Deferred[stun.Message]:
+        transaction_id = stun.new_transaction_id()
+        self._sequence += 1
+        header: list[tuple[int, bytes]] = [
+            (Attr.USERNAME, self.name.encode("ascii")),
+            (Attr.SEQUENCE, stun.encode_u64(self._sequence)),
+        ]
+        if self._nonce is not None:
+            header.append((Attr.NONCE, self._nonce))
+        body = list(attributes(transaction_id) if callable(attributes) else attributes)
+        data = wire.signed(method, MessageClass.REQUEST, transaction_id, header + body, self._key)
+        d = self._transactions.start(transaction_id, lambda: self._send(data), backoff)
+
+        def answered(message: stun.Message) -> stun.Message | Deferred[stun.Message]:
+            if message.cls == MessageClass.SUCCESS:
+                return message
+            code, reason = wire.error_of(message)
+            nonce = message.get(Attr.NONCE)
+            if code == 438 and nonce is not None and nonce_retries > 0:
+                self._nonce = nonce
+                return self._attempt(method, attributes, backoff, nonce_retries - 1)
+            raise RendezvousError(code, reason)
+
+        return d.addCallback(answered)
+
+    def _send(self, data: bytes) -> None:
+        if self.transport is not None and self.server is not None:
+            try:
+                self.transport.write(data, self.server)
+            except OSError as e:
+                log.debug("send to rendezvous failed: {error}", error=e)
+
+    def cancel_all(self) -> None:
+        self._transactions.cancel_all()
+
+    # -- datagrams in -----------------------------------------------------
+
+    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
+        try:
+            self._received(datagram, (addr[0], addr[1]))
+        except Exception:
+            self._count("internal-error")
+            log.failure("unexpected error handling a datagram from the rendezvous")
+
+    def _received(self, datagram: bytes, source: tuple[str, int]) -> None:
+        if self.server is None or wire.normalize_address(source) != self.server:
+            self._count("dropped-stranger")
+            return
+        try:
+            message = stun.parse(datagram)
+        except stun.StunError:
+            self._count("dropped-malformed")
+            return
+        if message.cls in (MessageClass.SUCCESS, MessageClass.ERROR):
+            if message.transaction_id not in self._transactions:
+                self._count("dropped-unsolicited")
+                return
+            if stun.verify_integrity_sha256(message, self._key):
+                self._transactions.answer(message.transaction_id, message)
+            else:
+                self._count("dropped-unauthenticated")
+                self._hint(message)
+        elif message.cls == MessageClass.REQUEST and message.method == Method.INCOMING:
+            if not stun.verify_integrity_sha256(message, self._key):
+                self._count("dropped-unauthenticated")
+                return
+            self._incoming_request(message, source)
+        else:
+            self._count("dropped-unexpected")
+
+    def _hint(self, message: stun.Message) -> None:
+        """
+        An unsigned 401 may be forged, so it changes nothing; but it is the
+        likeliest sign of a wrong name or key, so say so now and then.
+        """
+        if message.cls != MessageClass.ERROR or wire.error_of(message)[0] != 401:
+            return
+        now = self._clock.seconds()
+        if now - self._last_hint >= HINT_INTERVAL:
+            self._last_hint = now
+            log.warn(
+                "the rendezvous refused our credentials: check that it lists agent {name} "
+                "with this agent's public key, and rendezvous_public_key here",
+                name=self.name,
+            )
+
+    def _incoming_request(self, message: stun.Message, source: tuple[str, int]) -> None:
+        transaction_id = message.transaction_id
+        if transaction_id in self._incoming:
+            answer = self._incoming[transaction_id]
+            if answer is not None:
+                self._send(answer)
+            return
+        self._incoming[transaction_id] = None
+        while len(self._incoming) > RECENT_INCOMING:
+            self._incoming.popitem(last=False)
+
+        def reply(result: IncomingAnswer) -> None:
+            cls, attributes = result
+            data = wire.signed(Method.INCOMING, cls, transaction_id, attributes, self._key)
+            self._incoming[transaction_id] = data
+            self._send(data)
+
+        def failed(failure: Failure) -> None:
+            log.failure("handling an introduction failed", failure)
+            reply((MessageClass.ERROR, wire.error_attributes(403)))
+
+        maybeDeferred(self._on_incoming, message).addCallbacks(reply, failed)

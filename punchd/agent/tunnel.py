@@ -1,0 +1,759 @@
+"""
+One tunnel being punched, from a fresh socket to a hand-off (docs/protocol.rst).
+
+L{TunnelMachine} is the explicit state machine; L{Tunnel} is the glue that
+owns the socket, turns datagrams and timers into the machine's inputs, and
+answers the peer's checks (which it does the same way in every state until
+the hand-off).  The machine decides; the glue does the I/O.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from automat import TypeMachineBuilder
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorFDSet, IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from punchd import stun, wire
+from punchd.agent.api import HandOff, TunnelFailed
+from punchd.agent.tunnel_socket import TunnelSocket
+from punchd.keys import PrivateKey, PublicKey, derive_tunnel_key
+from punchd.retransmit import Backoff, RequestTimedOut, Transactions
+from punchd.stun import Attr, MessageClass, Method
+from punchd.wire import Candidate, CandidateKind, format_address
+
+log = Logger()
+
+PACING = 0.02
+GATHER_BACKOFF = Backoff(initial=0.1, maximum=0.4, attempts=5)
+CHECK_BACKOFF = Backoff(initial=0.1, maximum=0.8, attempts=30)
+NOMINATE_BACKOFF = Backoff(initial=0.1, maximum=0.8, attempts=8)
+GRACE = 0.03
+QUIET = 1.5
+CONFIRM_COPIES = 3
+EARLY_BUFFER = 16
+
+Address = tuple[str, int]
+
+
+class TunnelMachine(Protocol):
+    """
+    Inputs of one tunnel's state machine.
+    """
+
+    def gathered(self, srflx: Candidate | None) -> None:
+        "Our candidates are known."
+
+    def introduced(self, remote: list[Candidate], peer_key: PublicKey) -> None:
+        "The peer accepted; here are its candidates and key (initiator)."
+
+    def refused(self, code: str, message: str) -> None:
+        "The introduction failed (initiator)."
+
+    def checkSucceeded(self, remote: Address) -> None:
+        "One of our checks to C{remote} was answered."
+
+    def graceIsOver(self) -> None:
+        "Time to pick among the pairs that work (initiator)."
+
+    def nominationAnswered(self) -> None:
+        "The peer acknowledged our nomination (initiator)."
+
+    def nominationFailed(self) -> None:
+        "The nomination went unanswered (initiator)."
+
+    def nominated(self, remote: Address) -> None:
+        "The peer nominated the path from C{remote} (responder)."
+
+    def confirmed(self) -> None:
+        "The peer has handed off (responder)."
+
+    def quietPeriodIsOver(self) -> None:
+        "No confirmation and no more nominations for a while (responder)."
+
+    def programSpoke(self) -> None:
+        "The peer's program sent data on the nominated path."
+
+    def lingerIsOver(self) -> None:
+        "Stragglers have had their chance; hand off."
+
+    def deadlineIsReached(self) -> None:
+        "The caller's timeout ran out."
+
+    def cancel(self) -> None:
+        "The caller gave up."
+
+    def describe(self) -> str:
+        "The state's name."
+
+
+@dataclass
+class RemoteState:
+    """
+    What we know of one remote address: how it was learned and what was heard.
+    """
+
+    candidate: Candidate
+    checks_sent: int = 0
+    answered: bool = False
+    heard: bool = False
+    rtt: float | None = None
+    mapped: Address | None = None
+    in_progress: bool = False
+
+
+@dataclass
+class TunnelCore:
+    """
+    Everything one tunnel knows; the machine's behaviours work on it.
+    """
+
+    glue: Tunnel
+    deadline: IDelayedCall | None = None
+    timer: IDelayedCall | None = None
+    chosen: Address | None = None
+    outcome: str | None = None
+
+    def cancel_timer(self) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+
+
+class Tunnel:
+    """
+    The glue around one L{TunnelMachine}: socket, candidates, checks, timers.
+    """
+
+    def __init__(
+        self,
+        *,
+        reactor: Any,
+        role: str,
+        peer: str,
+        service: str,
+        tunnel_id: bytes,
+        own_key: PrivateKey,
+        rendezvous: Address | None,
+        timeout: float,
+        host_addresses: list[str],
+        progress: Callable[[dict[str, Any]], None] = lambda event: None,
+        introduce: Callable[[list[Candidate]], Deferred[tuple[list[Candidate], PublicKey]]]
+        | None = None,
+        peer_key: PublicKey | None = None,
+        remote_candidates: list[Candidate] | None = None,
+    ) -> None:
+        self.reactor = reactor
+        self.clock: IReactorTime = reactor
+        self.role = role
+        self.peer = peer
+        self.service = service
+        self.tunnel_id = tunnel_id
+        self.id_hex = tunnel_id.hex()
+        self.own_key = own_key
+        self.rendezvous = rendezvous
+        self.timeout = timeout
+        self.progress = progress
+        self._introduce = introduce
+        self.started_at = self.clock.seconds()
+        self.result: Deferred[HandOff] = Deferred(lambda d: self.machine.cancel())
+        self.gathered_result: Deferred[list[Candidate]] = Deferred()
+        self.socket = TunnelSocket(self._fdset(), self._datagram, self._keep_for_program)
+        port = self.socket.local[1]
+        self.local_candidates = [Candidate(CandidateKind.HOST, h, port) for h in host_addresses]
+        self.srflx: Candidate | None = None
+        self.remotes: dict[Address, RemoteState] = {}
+        self.queue: list[Address] = []
+        self.transactions: Transactions[tuple[stun.Message, Address]] = Transactions(self.clock)
+        self.our_ids: set[bytes] = set()
+        self.key: bytes | None = None
+        self.early: list[tuple[bytes, Address]] = []
+        self.pacer: LoopingCall | None = None
+        self.grace_timer: IDelayedCall | None = None
+        self.nominated_remote: Address | None = None
+        self.intro_deferred: Deferred[tuple[list[Candidate], PublicKey]] | None = None
+        self.refusal: tuple[str, str] | None = None
+        self.core = TunnelCore(self)
+        self.machine: TunnelMachine = build_tunnel_machine(self.core)
+        if peer_key is not None:
+            self.set_peer_key(peer_key)
+        for candidate in remote_candidates or []:
+            self.add_remote(candidate)
+        self.socket.start_reading()
+        self.core.deadline = self.clock.callLater(timeout, self.machine.deadlineIsReached)
+        self._gather()
+
+    def _fdset(self) -> IReactorFDSet:
+        fdset: IReactorFDSet = self.reactor
+        return fdset
+
+    # -- identity and keys ----------------------------------------------
+
+    @property
+    def peer_role(self) -> str:
+        return "b" if self.role == "initiator" else "a"
+
+    @property
+    def own_role(self) -> str:
+        return "a" if self.role == "initiator" else "b"
+
+    def set_peer_key(self, peer_key: PublicKey) -> None:
+        self.key = derive_tunnel_key(self.own_key, peer_key, self.tunnel_id)
+        early, self.early = self.early, []
+        for data, source in early:
+            self._datagram(data, source)
+
+    # -- candidates ------------------------------------------------------
+
+    def _gather(self) -> None:
+        if self.rendezvous is None:
+            self.machine.gathered(None)
+            return
+        transaction_id = stun.new_transaction_id()
+        self.our_ids.add(transaction_id)
+        request = stun.build(Method.BINDING, MessageClass.REQUEST, transaction_id, fingerprint=True)
+        rendezvous = self.rendezvous
+        d = self.transactions.start(
+            transaction_id, lambda: self.socket.send(request, rendezvous), GATHER_BACKOFF
+        )
+
+        def mapped(answer: tuple[stun.Message, Address]) -> None:
+            message, _ = answer
+            value = message.get(Attr.XOR_MAPPED_ADDRESS)
+            srflx = None
+            if message.cls == MessageClass.SUCCESS and value is not None:
+                try:
+                    host, port = stun.decode_xor_address(value, message.transaction_id)
+                    srflx = Candidate(CandidateKind.SRFLX, host, port)
+                except stun.StunError:
+                    pass
+            self.machine.gathered(srflx)
+
+        def unmapped(failure: Failure) -> None:
+            if failure.check(RequestTimedOut):
+                log.info(
+                    "tunnel {id}: no server-reflexive address (rendezvous silent)", id=self.id_hex
+                )
+                self.machine.gathered(None)
+
+        d.addCallbacks(mapped, unmapped)
+
+    def candidates(self) -> list[Candidate]:
+        result = list(self.local_candidates)
+        if self.srflx is not None and self.srflx.address not in {c.address for c in result}:
+            result.append(self.srflx)
+        return result[: wire.MAX_CANDIDATES]
+
+    def add_remote(self, candidate: Candidate) -> RemoteState:
+        address = wire.normalize_address(candidate.address)
+        state = self.remotes.get(address)
+        if state is None:
+            state = RemoteState(Candidate(candidate.kind, *address))
+            self.remotes[address] = state
+            self.queue.append(address)
+            self.queue.sort(key=lambda a: -self.remotes[a].candidate.kind.preference)
+        return state
+
+    def best_possible(self) -> int:
+        return max(
+            (r.candidate.kind.preference for r in self.remotes.values() if not r.answered),
+            default=-1,
+        )
+
+    # -- checks ----------------------------------------------------------
+
+    def start_checks(self) -> None:
+        if self.pacer is None:
+            self.pacer = LoopingCall(self._pace)
+            self.pacer.clock = self.clock
+            self.pacer.start(PACING, now=True)
+
+    def stop_checks(self) -> None:
+        if self.pacer is not None and self.pacer.running:
+            self.pacer.stop()
+        self.pacer = None
+        self.queue.clear()
+        if self.grace_timer is not None and self.grace_timer.active():
+            self.grace_timer.cancel()
+        self.grace_timer = None
+        self.transactions.cancel_all()
+
+    def _pace(self) -> None:
+        while self.queue:
+            address = self.queue.pop(0)
+            remote = self.remotes[address]
+            if remote.in_progress or remote.answered:
+                continue
+            self._check(address, remote, nominate=False)
+            return
+
+    def _check_request(self, nominate: bool) -> tuple[bytes, bytes]:
+        assert self.key is not None
+        transaction_id = stun.new_transaction_id()
+        self.our_ids.add(transaction_id)
+        attributes: list[tuple[int, bytes]] = [
+            (Attr.USERNAME, f"{self.id_hex}:{self.own_role}".encode("ascii")),
+            (Attr.PRIORITY, stun.encode_u32(CandidateKind.PRFLX.preference << 24)),
+        ]
+        if nominate:
+            attributes.append((Attr.USE_CANDIDATE, b""))
+        data = wire.signed(
+            Method.BINDING, MessageClass.REQUEST, transaction_id, attributes, self.key
+        )
+        return transaction_id, data
+
+    def _check(
+        self, address: Address, remote: RemoteState, nominate: bool
+    ) -> Deferred[tuple[stun.Message, Address]]:
+        transaction_id, data = self._check_request(nominate)
+        remote.in_progress = True
+
+        def send() -> None:
+            remote.checks_sent += 1
+            self.socket.send(data, address)
+
+        sent_at = self.clock.seconds()
+        d = self.transactions.start(
+            transaction_id, send, NOMINATE_BACKOFF if nominate else CHECK_BACKOFF
+        )
+
+        def answered(answer: tuple[stun.Message, Address]) -> tuple[stun.Message, Address]:
+            message, _ = answer
+            remote.in_progress = False
+            remote.answered = True
+            remote.rtt = self.clock.seconds() - sent_at if remote.checks_sent == 1 else remote.rtt
+            if remote.rtt is None:
+                remote.rtt = (self.clock.seconds() - sent_at) / remote.checks_sent
+            value = message.get(Attr.XOR_MAPPED_ADDRESS)
+            if value is not None:
+                try:
+                    remote.mapped = stun.decode_xor_address(value, message.transaction_id)
+                except stun.StunError:
+                    pass
+            return answer
+
+        def failed(failure: Failure) -> Failure:
+            remote.in_progress = False
+            return failure
+
+        d.addCallbacks(answered, failed)
+        if not nominate:
+            d.addCallbacks(lambda _: self.machine.checkSucceeded(address), lambda f: None)
+        return d
+
+    def nominate(self, address: Address) -> None:
+        self.stop_checks()
+        self.nominated_remote = address
+        remote = self.remotes[address]
+        remote.in_progress = False
+        self.progress({"event": "nominating", "remote": format_address(address)})
+        self._check(address, remote, nominate=True).addCallbacks(
+            lambda _: self.machine.nominationAnswered(),
+            lambda f: self.machine.nominationFailed() if f.check(RequestTimedOut) else None,
+        )
+
+    def send_confirm(self) -> None:
+        assert self.key is not None and self.nominated_remote is not None
+        for _ in range(CONFIRM_COPIES):
+            data = wire.signed(
+                Method.CONFIRM,
+                MessageClass.INDICATION,
+                stun.new_transaction_id(),
+                [(Attr.USERNAME, f"{self.id_hex}:{self.own_role}".encode("ascii"))],
+                self.key,
+            )
+            self.socket.send(data, self.nominated_remote)
+
+    def linger_time(self) -> float:
+        rtts = [r.rtt for r in self.remotes.values() if r.rtt is not None]
+        rtt = min(rtts) if rtts else 0.05
+        return min(0.25, max(0.01, 2 * rtt + 0.005))
+
+    # -- datagrams in ----------------------------------------------------
+
+    def _authentic(self, message: stun.Message) -> bool:
+        if self.key is None:
+            return False
+        username = message.get(Attr.USERNAME)
+        return username == f"{self.id_hex}:{self.peer_role}".encode("ascii") and (
+            stun.verify_integrity_sha256(message, self.key)
+        )
+
+    def ours(self, data: bytes, source: Address) -> bool:
+        """
+        Is this datagram punchd's own (a check, an answer, a confirmation)
+        rather than the peer program's?
+        """
+        try:
+            message = stun.parse(data)
+        except stun.StunError:
+            return False
+        if message.cls in (MessageClass.SUCCESS, MessageClass.ERROR):
+            return message.transaction_id in self.our_ids
+        return self._authentic(message)
+
+    def _keep_for_program(self, data: bytes, source: Address) -> bool:
+        return (
+            self.nominated_remote is not None
+            and wire.normalize_address(source) == self.nominated_remote
+            and not self.ours(data, source)
+        )
+
+    def _datagram(self, data: bytes, source: Address) -> None:
+        try:
+            self._handle(data, wire.normalize_address(source))
+        except Exception:
+            log.failure("tunnel {id}: unexpected error handling a datagram", id=self.id_hex)
+
+    def _handle(self, data: bytes, source: Address) -> None:
+        try:
+            message = stun.parse(data)
+        except stun.StunError:
+            return
+        if message.cls in (MessageClass.SUCCESS, MessageClass.ERROR):
+            if message.transaction_id not in self.transactions:
+                return
+            if (
+                message.method == Method.BINDING
+                and source == self.rendezvous
+                and (not message.has(Attr.MESSAGE_INTEGRITY_SHA256))
+            ):
+                self.transactions.answer(message.transaction_id, (message, source))
+            elif self.key is not None and stun.verify_integrity_sha256(message, self.key):
+                if message.cls == MessageClass.SUCCESS:
+                    self.transactions.answer(message.transaction_id, (message, source))
+            return
+        if self.key is None:
+            if len(self.early) < EARLY_BUFFER:
+                self.early.append((data, source))
+            return
+        if not self._authentic(message):
+            return
+        if message.method == Method.BINDING and message.cls == MessageClass.REQUEST:
+            self._answer_check(message, source)
+        elif message.method == Method.CONFIRM and message.cls == MessageClass.INDICATION:
+            if source == self.nominated_remote:
+                self.machine.confirmed()
+
+    def _answer_check(self, message: stun.Message, source: Address) -> None:
+        assert self.key is not None
+        remote = self.remotes.get(source)
+        if remote is None:
+            remote = self.add_remote(Candidate(CandidateKind.PRFLX, *source))
+            log.debug(
+                "tunnel {id}: learned peer-reflexive {address}",
+                id=self.id_hex,
+                address=format_address(source),
+            )
+        remote.heard = True
+        answer = wire.signed(
+            Method.BINDING,
+            MessageClass.SUCCESS,
+            message.transaction_id,
+            [(Attr.XOR_MAPPED_ADDRESS, stun.encode_xor_address(*source, message.transaction_id))],
+            self.key,
+        )
+        self.socket.send(answer, source)
+        if message.has(Attr.USE_CANDIDATE) and self.role == "responder":
+            self.machine.nominated(source)
+        elif self.pacer is not None and not remote.answered and not remote.in_progress:
+            if source in self.queue:
+                self.queue.remove(source)
+            self.queue.insert(0, source)
+
+    # -- endings ---------------------------------------------------------
+
+    def local_kind(self, remote: RemoteState) -> str:
+        if remote.mapped is None:
+            return "srflx" if self.srflx is not None else "host"
+        if remote.mapped in {c.address for c in self.local_candidates}:
+            return "host"
+        if self.srflx is not None and remote.mapped == self.srflx.address:
+            return "srflx"
+        return "prflx"
+
+    def hand_off(self) -> None:
+        address = self.nominated_remote
+        assert address is not None
+        remote = self.remotes[address]
+        self.stop_checks()
+        sock = self.socket.release(address, self.ours)
+        setup = self.clock.seconds() - self.started_at
+        info = {
+            "id": self.id_hex,
+            "peer": self.peer,
+            "service": self.service,
+            "role": self.role,
+            "local": format_address(remote.mapped)
+            if remote.mapped
+            else format_address(self.socket.local),
+            "remote": format_address(address),
+            "path": "direct",
+            "candidates": {"local": self.local_kind(remote), "remote": remote.candidate.kind.label},
+            "rtt_ms": round((remote.rtt or 0.0) * 1000, 3),
+            "setup_ms": round(setup * 1000, 3),
+        }
+        log.info(
+            "tunnel {id} to {peer} for {service}: direct via {remote} "
+            "({local_kind} -> {remote_kind}) in {setup_ms} ms",
+            id=self.id_hex[:12],
+            peer=self.peer,
+            service=self.service,
+            remote=info["remote"],
+            local_kind=info["candidates"]["local"],  # type: ignore[index]
+            remote_kind=info["candidates"]["remote"],  # type: ignore[index]
+            setup_ms=info["setup_ms"],
+        )
+        self.result.callback(HandOff(sock, info))
+
+    def explain(self) -> str:
+        """
+        Why no path was found: what was tried and what was heard.
+        """
+        if not self.remotes:
+            return "the peer offered no candidates"
+        parts = []
+        for address, remote in self.remotes.items():
+            heard = "answered" if remote.answered else ("heard from" if remote.heard else "silent")
+            label = f"{remote.candidate.kind.label} {format_address(address)}"
+            parts.append(f"{label}: {remote.checks_sent} checks, {heard}")
+        heard_any = any(r.heard for r in self.remotes.values())
+        answered_any = any(r.answered for r in self.remotes.values())
+        if answered_any:
+            why = "a path answered but the nomination was lost"
+        elif heard_any:
+            why = (
+                "the peer's checks reached us but our checks never reached it (its NAT filters us)"
+            )
+        else:
+            why = (
+                "no check got through either way "
+                "(both NATs filter, or a symmetric NAT hides the port)"
+            )
+        return f"no direct path to {self.peer}: {why}; tried " + "; ".join(parts)
+
+    def fail(self, code: str, message: str) -> None:
+        self.stop_checks()
+        if self.intro_deferred is not None:
+            d, self.intro_deferred = self.intro_deferred, None
+            d.cancel()
+        self.socket.close()
+        log.info(
+            "tunnel {id} to {peer} for {service} failed after {ms} ms: {code}: {message}",
+            id=self.id_hex[:12],
+            peer=self.peer,
+            service=self.service,
+            ms=round((self.clock.seconds() - self.started_at) * 1000),
+            code=code,
+            message=message,
+        )
+        if not self.result.called:
+            self.result.errback(TunnelFailed(code, message))
+        if not self.gathered_result.called:
+            self.gathered_result.errback(TunnelFailed(code, message))
+
+    def introduce(self) -> None:
+        assert self._introduce is not None
+        candidates = self.candidates()
+        self.progress({"event": "gathered", "candidates": [str(c) for c in candidates]})
+        d = self._introduce(candidates)
+        self.intro_deferred = d
+
+        def ok(result: tuple[list[Candidate], PublicKey]) -> None:
+            self.intro_deferred = None
+            self.machine.introduced(*result)
+
+        def no(failure: Failure) -> None:
+            self.intro_deferred = None
+            if failure.check(CancelledError):
+                return
+            if isinstance(failure.value, TunnelFailed):
+                self.machine.refused(failure.value.code, failure.value.message)
+            else:
+                self.machine.refused(
+                    "timeout", f"the rendezvous did not answer ({failure.getErrorMessage()})"
+                )
+
+        d.addCallbacks(ok, no)
+
+    def cleanup(self) -> None:
+        if self.core.deadline is not None and self.core.deadline.active():
+            self.core.deadline.cancel()
+        self.core.cancel_timer()
+
+
+def build_tunnel_machine_factory() -> Callable[[TunnelCore], TunnelMachine]:
+    builder = TypeMachineBuilder(TunnelMachine, TunnelCore)
+    gathering = builder.state("gathering")
+    introducing = builder.state("introducing")
+    checking = builder.state("checking")
+    nominating = builder.state("nominating")
+    awaiting_confirm = builder.state("awaiting confirmation")
+    lingering = builder.state("lingering")
+    handed_off = builder.state("handed off")
+    failed = builder.state("failed")
+    live = [gathering, introducing, checking, nominating, awaiting_confirm, lingering]
+
+    @gathering.upon(TunnelMachine.gathered).to(introducing)
+    def gathered_then_introduce(
+        m: TunnelMachine, core: TunnelCore, srflx: Candidate | None
+    ) -> None:
+        tunnel = core.glue
+        tunnel.srflx = srflx
+        if tunnel.role == "initiator":
+            tunnel.introduce()
+        else:
+            tunnel.gathered_result.callback(tunnel.candidates())
+            m.introduced([], tunnel.own_key.public_key())
+
+    @introducing.upon(TunnelMachine.introduced).to(checking)
+    def start_checking(
+        m: TunnelMachine, core: TunnelCore, remote: list[Candidate], peer_key: PublicKey
+    ) -> None:
+        tunnel = core.glue
+        if tunnel.role == "initiator":
+            tunnel.set_peer_key(peer_key)
+            for candidate in remote:
+                tunnel.add_remote(candidate)
+            tunnel.progress({"event": "introduced", "candidates": [str(c) for c in remote]})
+        tunnel.progress({"event": "probing", "pairs": len(tunnel.remotes)})
+        tunnel.start_checks()
+
+    @introducing.upon(TunnelMachine.refused).to(failed)
+    def refused(m: TunnelMachine, core: TunnelCore, code: str, message: str) -> None:
+        core.glue.cleanup()
+        core.glue.fail(code, message)
+
+    @checking.upon(TunnelMachine.checkSucceeded).loop()
+    def consider(m: TunnelMachine, core: TunnelCore, remote: Address) -> None:
+        tunnel = core.glue
+        if tunnel.role != "initiator":
+            return
+        preference = tunnel.remotes[remote].candidate.kind.preference
+        if preference >= tunnel.best_possible():
+            core.chosen = remote
+            m.graceIsOver()
+        elif tunnel.grace_timer is None:
+            tunnel.grace_timer = tunnel.clock.callLater(GRACE, m.graceIsOver)
+
+    @checking.upon(TunnelMachine.graceIsOver).to(nominating)
+    def nominate_best(m: TunnelMachine, core: TunnelCore) -> None:
+        tunnel = core.glue
+        answered = [a for a, r in tunnel.remotes.items() if r.answered]
+        best = max(answered, key=lambda a: tunnel.remotes[a].candidate.kind.preference)
+        tunnel.grace_timer = None
+        tunnel.nominate(core.chosen or best)
+
+    @nominating.upon(TunnelMachine.nominationAnswered).to(lingering)
+    def confirm_and_linger(m: TunnelMachine, core: TunnelCore) -> None:
+        tunnel = core.glue
+        tunnel.send_confirm()
+        tunnel.socket.peeking = True
+        core.timer = tunnel.clock.callLater(tunnel.linger_time(), m.lingerIsOver)
+
+    @nominating.upon(TunnelMachine.nominationFailed).to(failed)
+    def nomination_lost(m: TunnelMachine, core: TunnelCore) -> None:
+        core.glue.cleanup()
+        core.glue.fail("unreachable", core.glue.explain())
+
+    @checking.upon(TunnelMachine.nominated).to(awaiting_confirm)
+    def await_confirmation(m: TunnelMachine, core: TunnelCore, remote: Address) -> None:
+        tunnel = core.glue
+        tunnel.stop_checks()
+        tunnel.nominated_remote = remote
+        tunnel.socket.peeking = True
+        core.timer = tunnel.clock.callLater(QUIET, m.quietPeriodIsOver)
+
+    @awaiting_confirm.upon(TunnelMachine.nominated).loop()
+    def renominated(m: TunnelMachine, core: TunnelCore, remote: Address) -> None:
+        core.cancel_timer()
+        core.timer = core.glue.clock.callLater(QUIET, m.quietPeriodIsOver)
+
+    @awaiting_confirm.upon(TunnelMachine.confirmed).to(lingering)
+    def linger(m: TunnelMachine, core: TunnelCore) -> None:
+        core.cancel_timer()
+        core.timer = core.glue.clock.callLater(core.glue.linger_time(), m.lingerIsOver)
+
+    @awaiting_confirm.upon(TunnelMachine.quietPeriodIsOver).to(handed_off)
+    @awaiting_confirm.upon(TunnelMachine.programSpoke).to(handed_off)
+    @awaiting_confirm.upon(TunnelMachine.deadlineIsReached).to(handed_off)
+    @lingering.upon(TunnelMachine.lingerIsOver).to(handed_off)
+    @lingering.upon(TunnelMachine.programSpoke).to(handed_off)
+    @lingering.upon(TunnelMachine.deadlineIsReached).to(handed_off)
+    def hand_off(m: TunnelMachine, core: TunnelCore) -> None:
+        core.glue.cleanup()
+        core.glue.hand_off()
+
+    @gathering.upon(TunnelMachine.deadlineIsReached).to(failed)
+    @introducing.upon(TunnelMachine.deadlineIsReached).to(failed)
+    def too_slow(m: TunnelMachine, core: TunnelCore) -> None:
+        core.glue.cleanup()
+        core.glue.fail("timeout", f"{core.glue.peer} did not answer in time")
+
+    @checking.upon(TunnelMachine.deadlineIsReached).to(failed)
+    @nominating.upon(TunnelMachine.deadlineIsReached).to(failed)
+    def no_path(m: TunnelMachine, core: TunnelCore) -> None:
+        core.glue.cleanup()
+        core.glue.fail("unreachable", core.glue.explain())
+
+    for state in live:
+
+        @state.upon(TunnelMachine.cancel).to(failed)
+        def cancelled(m: TunnelMachine, core: TunnelCore) -> None:
+            core.glue.cleanup()
+            core.glue.fail("cancelled", "the tunnel was cancelled")
+
+    ignored = {
+        gathering: ["checkSucceeded", "confirmed", "nominated", "programSpoke", "graceIsOver"],
+        introducing: ["checkSucceeded", "confirmed", "nominated", "programSpoke", "graceIsOver"],
+        checking: ["confirmed", "programSpoke", "gathered"],
+        nominating: ["checkSucceeded", "graceIsOver", "confirmed", "nominated", "programSpoke"],
+        awaiting_confirm: ["checkSucceeded", "graceIsOver"],
+        lingering: [
+            "checkSucceeded",
+            "graceIsOver",
+            "confirmed",
+            "nominated",
+            "nominationAnswered",
+        ],
+    }
+    every_input = [
+        "gathered",
+        "introduced",
+        "refused",
+        "checkSucceeded",
+        "graceIsOver",
+        "nominationAnswered",
+        "nominationFailed",
+        "nominated",
+        "confirmed",
+        "quietPeriodIsOver",
+        "programSpoke",
+        "lingerIsOver",
+        "deadlineIsReached",
+        "cancel",
+    ]
+    for state, names in ignored.items():
+        for name in names:
+            state.upon(getattr(TunnelMachine, name)).loop().returns(None)
+    for state in (handed_off, failed):
+        for name in every_input:
+            state.upon(getattr(TunnelMachine, name)).loop().returns(None)
+    for state in [*live, handed_off, failed]:
+        state.upon(TunnelMachine.describe).loop().returns(state.name)
+
+    return builder.build()
+
+
+build_tunnel_machine = build_tunnel_machine_factory()
+
+
+def new_tunnel_id() -> bytes:
+    return os.urandom(wire.TUNNEL_ID_LENGTH)
