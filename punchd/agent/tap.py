@@ -21,6 +21,7 @@ from punchd.agent.control import (
 )
 from punchd.agent.core import Agent
 from punchd.config import AgentConfig, ConfigError, load_agent_config
+from punchd.logs import LoggingService
 
 OVERRIDABLE = (
     "name",
@@ -30,6 +31,7 @@ OVERRIDABLE = (
     "control-socket",
     "keepalive",
     "connect-timeout",
+    "log-format",
 )
 
 
@@ -63,6 +65,12 @@ class Options(usage.Options):
         ],
         ["keepalive", None, None, "Seconds between registration refreshes (default 20)."],
         ["connect-timeout", None, None, "Default seconds a tunnel may take (default 10)."],
+        [
+            "log-format",
+            None,
+            None,
+            "text or json: JSON lines on stdout, for log collectors (default text).",
+        ],
     ]
 
     def postOptions(self) -> None:
@@ -114,7 +122,7 @@ def makeService(config: Options, reactor: Any = None) -> service.IService:
     except (ControlSocketError, ValueError, KeyError) as e:
         _die(str(e))
     agent = Agent(settings, reactor)
-    parent = service.MultiService()
+    parent = LoggingService(settings.log_format)
     AgentService(agent).setServiceParent(parent)
     factory = ControlFactory(agent, authorizer, connect_timeout=settings.connect_timeout)
     ControlService(reactor, path, factory).setServiceParent(parent)

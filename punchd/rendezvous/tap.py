@@ -14,6 +14,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from punchd.config import ConfigError, RendezvousConfig, load_peers, load_rendezvous_config
+from punchd.logs import LoggingService
 from punchd.rendezvous.limits import SourceLimiter
 from punchd.rendezvous.registry import MemoryRegistry
 from punchd.rendezvous.server import Directory, RendezvousProtocol
@@ -49,12 +50,33 @@ class Options(usage.Options):
             "Binding replies per second per source IP, 0 for no limit (default 50).",
         ],
         ["max-pending", None, None, "Pending introductions allowed per agent (default 256)."],
+        [
+            "registration-lifetime",
+            None,
+            None,
+            "Longest registration lifetime granted, in seconds (default 600).",
+        ],
+        [
+            "log-format",
+            None,
+            None,
+            "text or json: JSON lines on stdout, for log collectors (default text).",
+        ],
     ]
 
     def postOptions(self) -> None:
         overrides = {
             key.replace("-", "_"): self[key]
-            for key in ("port", "interface", "private-key", "peers", "binding-rate", "max-pending")
+            for key in (
+                "port",
+                "interface",
+                "private-key",
+                "peers",
+                "binding-rate",
+                "max-pending",
+                "registration-lifetime",
+                "log-format",
+            )
         }
         try:
             self["settings"] = load_rendezvous_config(self["config"], overrides)
@@ -63,7 +85,7 @@ class Options(usage.Options):
             raise SystemExit(1) from None
 
 
-class RendezvousService(service.MultiService):
+class RendezvousService(LoggingService):
     """
     The UDP server, its housekeeping timer, and peers-file reload on SIGHUP.
     """
@@ -71,7 +93,7 @@ class RendezvousService(service.MultiService):
     def __init__(
         self, settings: RendezvousConfig, protocol: RendezvousProtocol, reactor: Any
     ) -> None:
-        super().__init__()
+        super().__init__(settings.log_format)
         self.settings = settings
         self.protocol = protocol
         self._reactor = reactor
