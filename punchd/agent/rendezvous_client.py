@@ -52,6 +52,8 @@ class RendezvousClient(DatagramProtocol):
     Speaks for one agent to one rendezvous server.
     """
 
+    noisy = False
+
     def __init__(
         self,
         name: str,

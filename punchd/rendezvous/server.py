@@ -123,6 +123,8 @@ class RendezvousProtocol(DatagramProtocol):
     Turns datagrams into registrations, peer lists and introductions.
     """
 
+    noisy = False
+
     def __init__(
         self,
         directory: Directory,
