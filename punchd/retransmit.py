@@ -83,6 +83,12 @@ class Pending(Generic[T]):
         self._timer = None
         self._done(self)
 
+    def resend(self) -> None:
+        """
+        Send again now, out of schedule; the backoff timer runs on.
+        """
+        self._send()
+
     def answer(self, value: T) -> None:
         self._finish()
         self.deferred.callback(value)
@@ -132,6 +138,14 @@ class Transactions(Generic[T]):
             return False
         pending.answer(value)
         return True
+
+    def resend(self, transaction_id: bytes) -> None:
+        """
+        Send the request with this id again now, if it is still in flight.
+        """
+        pending = self._pending.get(transaction_id)
+        if pending is not None:
+            pending.resend()
 
     def sent_at(self, transaction_id: bytes) -> float | None:
         pending = self._pending.get(transaction_id)

@@ -35,7 +35,9 @@ PACING = 0.02
 GATHER_BACKOFF = Backoff(initial=0.1, maximum=0.4, attempts=5)
 CHECK_BACKOFF = Backoff(initial=0.1, maximum=0.8, attempts=30)
 NOMINATE_BACKOFF = Backoff(initial=0.1, maximum=0.8, attempts=8)
-GRACE = 0.03
+GRACE = 0.05
+GRACE_MIN = 0.005
+TRIGGER_GAP = 0.01
 QUIET = 1.5
 CONFIRM_COPIES = 3
 EARLY_BUFFER = 16
@@ -107,6 +109,8 @@ class RemoteState:
     rtt: float | None = None
     mapped: Address | None = None
     in_progress: bool = False
+    transaction_id: bytes | None = None
+    triggered_at: float = float("-inf")
 
 
 @dataclass
@@ -259,6 +263,8 @@ class Tunnel:
             self.remotes[address] = state
             self.queue.append(address)
             self.queue.sort(key=lambda a: -self.remotes[a].candidate.kind.preference)
+        elif state.candidate.kind == CandidateKind.PRFLX and candidate.kind != CandidateKind.PRFLX:
+            state.candidate = Candidate(candidate.kind, *address)
         return state
 
     def best_possible(self) -> int:
@@ -270,10 +276,28 @@ class Tunnel:
     # -- checks ----------------------------------------------------------
 
     def start_checks(self) -> None:
+        """
+        Check every known remote at once (there are at most a few dozen tiny
+        datagrams), then pace checks of remotes learned later.
+        """
         if self.pacer is None:
+            for address in list(self.queue):
+                remote = self.remotes[address]
+                if not (remote.in_progress or remote.answered):
+                    self._check(address, remote, nominate=False)
+            self.queue.clear()
             self.pacer = LoopingCall(self._pace)
             self.pacer.clock = self.clock
-            self.pacer.start(PACING, now=True)
+            self.pacer.start(PACING, now=False)
+
+    def grace(self, remote: Address) -> float:
+        """
+        How long to wait for a better pair after C{remote} answered: all
+        first checks left together, so a better path answers within about
+        one more round trip of this one, or not at all.
+        """
+        rtt = self.remotes[remote].rtt or 0.0
+        return min(GRACE, max(GRACE_MIN, 2 * rtt))
 
     def stop_checks(self) -> None:
         if self.pacer is not None and self.pacer.running:
@@ -314,12 +338,15 @@ class Tunnel:
     ) -> Deferred[tuple[stun.Message, Address]]:
         transaction_id, data = self._check_request(nominate)
         remote.in_progress = True
+        remote.transaction_id = transaction_id
+
+        last_sent = [self.clock.seconds()]
 
         def send() -> None:
             remote.checks_sent += 1
+            last_sent[0] = self.clock.seconds()
             self.socket.send(data, address)
 
-        sent_at = self.clock.seconds()
         d = self.transactions.start(
             transaction_id, send, NOMINATE_BACKOFF if nominate else CHECK_BACKOFF
         )
@@ -328,9 +355,8 @@ class Tunnel:
             message, _ = answer
             remote.in_progress = False
             remote.answered = True
-            remote.rtt = self.clock.seconds() - sent_at if remote.checks_sent == 1 else remote.rtt
-            if remote.rtt is None:
-                remote.rtt = (self.clock.seconds() - sent_at) / remote.checks_sent
+            # The latest send is the likeliest one answered (Karn's caveat aside).
+            remote.rtt = self.clock.seconds() - last_sent[0]
             value = message.get(Attr.XOR_MAPPED_ADDRESS)
             if value is not None:
                 try:
@@ -400,11 +426,15 @@ class Tunnel:
         return self._authentic(message)
 
     def _keep_for_program(self, data: bytes, source: Address) -> bool:
-        return (
+        keep = (
             self.nominated_remote is not None
             and wire.normalize_address(source) == self.nominated_remote
             and not self.ours(data, source)
         )
+        if keep:
+            # The socket stops reading to leave this datagram queued: hand off now.
+            self.machine.programSpoke()
+        return keep
 
     def _datagram(self, data: bytes, source: Address) -> None:
         try:
@@ -463,10 +493,25 @@ class Tunnel:
         self.socket.send(answer, source)
         if message.has(Attr.USE_CANDIDATE) and self.role == "responder":
             self.machine.nominated(source)
-        elif self.pacer is not None and not remote.answered and not remote.in_progress:
-            if source in self.queue:
-                self.queue.remove(source)
-            self.queue.insert(0, source)
+        elif self.pacer is not None and not remote.answered:
+            self._trigger(source, remote)
+
+    def _trigger(self, address: Address, remote: RemoteState) -> None:
+        """
+        The peer's check just came through from C{address}, so the path is
+        open now: check back at once (ICE's triggered check) instead of
+        waiting for the pacer or for a retransmission timer.
+        """
+        now = self.clock.seconds()
+        if remote.in_progress:
+            if remote.transaction_id is not None and now - remote.triggered_at >= TRIGGER_GAP:
+                remote.triggered_at = now
+                self.transactions.resend(remote.transaction_id)
+            return
+        if address in self.queue:
+            self.queue.remove(address)
+        remote.triggered_at = now
+        self._check(address, remote, nominate=False)
 
     # -- endings ---------------------------------------------------------
 
@@ -556,7 +601,9 @@ class Tunnel:
         )
         if not self.result.called:
             self.result.errback(TunnelFailed(code, message))
-        if not self.gathered_result.called:
+        if self.role == "responder" and not self.gathered_result.called:
+            # Only a responder's introduction waits on it; an initiator's
+            # failure here would be logged as an unhandled error.
             self.gathered_result.errback(TunnelFailed(code, message))
 
     def introduce(self) -> None:
@@ -619,9 +666,9 @@ def build_tunnel_machine_factory() -> Callable[[TunnelCore], TunnelMachine]:
     ) -> None:
         tunnel = core.glue
         if tunnel.role == "initiator":
-            tunnel.set_peer_key(peer_key)
             for candidate in remote:
                 tunnel.add_remote(candidate)
+            tunnel.set_peer_key(peer_key)
             tunnel.progress({"event": "introduced", "candidates": [str(c) for c in remote]})
         tunnel.progress({"event": "probing", "pairs": len(tunnel.remotes)})
         tunnel.start_checks()
@@ -641,7 +688,7 @@ def build_tunnel_machine_factory() -> Callable[[TunnelCore], TunnelMachine]:
             core.chosen = remote
             m.graceIsOver()
         elif tunnel.grace_timer is None:
-            tunnel.grace_timer = tunnel.clock.callLater(GRACE, m.graceIsOver)
+            tunnel.grace_timer = tunnel.clock.callLater(tunnel.grace(remote), m.graceIsOver)
 
     @checking.upon(TunnelMachine.graceIsOver).to(nominating)
     def nominate_best(m: TunnelMachine, core: TunnelCore) -> None:

@@ -124,7 +124,7 @@ class Deployment:
     # -- processes ----------------------------------------------------------
 
     def _spawn(self, argv: list[str], log: Path, launch: Launch) -> subprocess.Popen[bytes]:
-        out = open(log, "ab")  # noqa: SIM115 - the child owns it
+        out = open(log, "ab")  # the child gets its own copy; ours closes below
         try:
             env = dict(os.environ, PYTHONUNBUFFERED="1")
             return launch(argv, cwd=str(self.root), stdout=out, stderr=subprocess.STDOUT, env=env)

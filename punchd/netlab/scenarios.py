@@ -1,0 +1,289 @@
+"""
+punchd inside the NAT lab: a rendezvous on the lab's internet, an agent on
+every host, and tunnels opened between hosts by the lab program
+(L{punchd.netlab.program}) exactly as users' programs open them.
+
+Tests, benchmarks and C{make demo} build on L{World}.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from punchd.netlab.deployment import Deployment
+from punchd.netlab.lab import RENDEZVOUS_ADDRESS, Host, Lab, Profile, Site
+
+RENDEZVOUS_PORT = 3478
+
+#: Profiles a pair of peers may have; "public" means no NAT at all.
+PAIR_PROFILES = ("public", "cone", "full-cone", "symmetric", "cgnat")
+
+
+@dataclass
+class Outcome:
+    """
+    How one tunnel attempt between two lab hosts went.
+    """
+
+    initiator: str
+    responder: str
+    ok: bool
+    code: str | None = None
+    message: str = ""
+    path: str | None = None
+    local_kind: str | None = None
+    remote_kind: str | None = None
+    setup_ms: float | None = None
+    exchanged: int = 0
+    strays: list[str] = field(default_factory=list)
+    accept: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def summary(self) -> str:
+        if self.ok:
+            return f"direct ({self.local_kind} -> {self.remote_kind})"
+        return f"{self.code}"
+
+
+class World:
+    """
+    A lab with punchd running in it.  Add hosts, call L{start}, then
+    L{tunnel} between any two of them.
+    """
+
+    def __init__(self, lab: Lab, keepalive: float = 2.0) -> None:
+        self.lab = lab
+        self.hosts: dict[str, Host] = {}
+        self.sites: dict[str, Site] = {}
+        self.deployment = Deployment(
+            lab.tmpdir / "punchd",
+            rendezvous_host=RENDEZVOUS_ADDRESS,
+            rendezvous_port=RENDEZVOUS_PORT,
+            listen_interface="0.0.0.0",
+            keepalive=keepalive,
+        )
+
+    def add(
+        self,
+        name: str,
+        profile: Profile | str,
+        *,
+        loss: int = 0,
+        wan_input: str = "drop",
+        hosts: int | None = None,
+    ) -> list[Host]:
+        """
+        A site called C{name} with the given NAT profile (or a public host
+        for "public"), with an agent registered per host.
+        """
+        if profile == "public":
+            added = [self.lab.add_public_host(name)]
+        else:
+            site = self.lab.add_site(
+                name,
+                profile,  # type: ignore[arg-type]
+                hosts=hosts,
+                loss=loss,
+                wan_input=wan_input,  # type: ignore[arg-type]
+            )
+            self.sites[name] = site
+            added = list(site.hosts)
+        for host in added:
+            self.hosts[host.name] = host
+            self.deployment.add_agent(host.name, socket_dir=self.lab.tmpdir)
+        return added
+
+    def start(self) -> None:
+        """
+        Start the rendezvous and every agent, and wait until all registered.
+        """
+        self.deployment.start_rendezvous(launch=self.lab.rendezvous_host.run)
+        for name, host in self.hosts.items():
+            self.deployment.start_agent(name, launch=host.run, wait=0)
+        for name in self.hosts:
+            self.deployment.wait_registered(name, timeout=20)
+
+    def restart_rendezvous(self) -> None:
+        self.deployment.stop_rendezvous()
+        self.deployment.start_rendezvous(launch=self.lab.rendezvous_host.run)
+
+    def _program(self, name: str, *args: str) -> list[str]:
+        socket_path = self.deployment.agents[name].socket_path
+        return [sys.executable, "-m", "punchd.netlab.program", "--socket", socket_path, *args]
+
+    def tunnel(
+        self,
+        initiator: str,
+        responder: str,
+        service: str = "chat",
+        count: int = 20,
+        timeout: float = 8.0,
+    ) -> Outcome:
+        """
+        Run the lab program on both hosts: C{responder} accepts, C{initiator}
+        connects, and they exchange C{count} datagrams.
+        """
+        accept = self.hosts[responder].run(
+            self._program(
+                responder, "--count", str(count), "--timeout", str(timeout), "accept", service
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert accept.stdout is not None
+            line = accept.stdout.readline()
+            if '"listening"' not in line:
+                errors = accept.stderr.read() if accept.stderr else ""
+                raise RuntimeError(f"accepting program failed: {line}{errors}")
+            try:
+                output = self.hosts[initiator].check_output(
+                    self._program(
+                        initiator,
+                        "--count",
+                        str(count),
+                        "--timeout",
+                        str(timeout),
+                        "connect",
+                        responder,
+                        service,
+                    ),
+                    timeout=timeout + 60,
+                )
+            except subprocess.CalledProcessError as e:
+                output = e.stdout
+            result = json.loads(output.strip().splitlines()[-1])
+            accepted: dict[str, Any] = {}
+            if result.get("ok"):
+                out, _ = accept.communicate(timeout=60)
+                accepted = json.loads(out.strip().splitlines()[-1])
+        finally:
+            if accept.poll() is None:
+                accept.kill()
+                accept.wait(5)
+        if not result.get("ok"):
+            return Outcome(
+                initiator,
+                responder,
+                False,
+                code=result.get("code"),
+                message=result.get("message", ""),
+            )
+        info = result["info"]
+        return Outcome(
+            initiator,
+            responder,
+            True,
+            path=info.get("path"),
+            local_kind=info["candidates"]["local"],
+            remote_kind=info["candidates"]["remote"],
+            setup_ms=info.get("setup_ms"),
+            exchanged=min(result.get("exchanged", 0), accepted.get("exchanged", 0)),
+            strays=result.get("strays", []) + accepted.get("strays", []),
+            accept=accepted,
+        )
+
+    def wait_registered(self, names: list[str] | None = None, timeout: float = 20.0) -> None:
+        for name in names or list(self.hosts):
+            self.deployment.wait_registered(name, timeout=timeout)
+
+    def retry_tunnel(self, initiator: str, responder: str, within: float, **kwargs: Any) -> Outcome:
+        """
+        Try a tunnel until one works or C{within} seconds pass (after a
+        rendezvous restart or a NAT reboot agents need a keepalive or two).
+        """
+        deadline = time.monotonic() + within
+        while True:
+            outcome = self.tunnel(initiator, responder, **kwargs)
+            if outcome.ok or time.monotonic() > deadline:
+                return outcome
+            time.sleep(0.5)
+
+    def close(self) -> None:
+        self.deployment.close()
+
+
+def format_table(rows: list[tuple[str, Outcome]]) -> str:
+    """
+    The matrix as text: pair, outcome, path, setup time.
+    """
+    lines = [f"{'pair':<26} {'outcome':<10} {'path':<28} {'setup':>9}"]
+    lines.append("-" * len(lines[0]))
+    for pair, outcome in rows:
+        if outcome.ok:
+            path = f"direct {outcome.local_kind}->{outcome.remote_kind}"
+            setup = f"{outcome.setup_ms:.1f} ms"
+            verdict = "connected"
+        else:
+            path = "-"
+            setup = "-"
+            verdict = outcome.code or "failed"
+        lines.append(f"{pair:<26} {verdict:<10} {path:<28} {setup:>9}")
+    return "\n".join(lines)
+
+
+#: Site names per profile: two of each so that a profile can face itself.
+SITE_NAMES = {
+    "public": ("puba", "pubb"),
+    "cone": ("conea", "coneb"),
+    "full-cone": ("fulla", "fullb"),
+    "symmetric": ("syma", "symb"),
+    "cgnat": ("cgna", "cgnb"),
+}
+
+#: Where no direct path can exist: a symmetric NAT hides the port it will
+#: use toward the peer, and the peer's NAT only admits addresses it sent to.
+UNREACHABLE = {
+    frozenset({"symmetric", "cone"}),
+    frozenset({"symmetric"}),
+    frozenset({"symmetric", "cgnat"}),
+}
+
+
+def expected(first: str, second: str) -> str:
+    return "unreachable" if frozenset({first, second}) in UNREACHABLE else "direct"
+
+
+def host_of(profile: str, instance: int) -> str:
+    """
+    The lab host name for the C{instance}th (0 or 1) site of C{profile}.
+    """
+    site = SITE_NAMES[profile][instance]
+    return site if profile == "public" else f"{site}1"
+
+
+def build_matrix_world(lab: Lab, keepalive: float = 2.0) -> World:
+    """
+    Two sites of every profile, a same-LAN site with two hosts, and two
+    cone NATs whose input chains admit unsolicited WAN traffic (design.md §6).
+    """
+    world = World(lab, keepalive=keepalive)
+    for profile, names in SITE_NAMES.items():
+        for name in names:
+            world.add(name, profile)
+    world.add("lan", "same-lan")
+    world.add("opena", "cone", wan_input="accept")
+    world.add("openb", "cone", wan_input="accept")
+    return world
+
+
+def matrix_pairs() -> list[tuple[str, str, str, str]]:
+    """
+    (label, initiator host, responder host, expected outcome) for every pair
+    of profiles, plus same-LAN and open-input cones.
+    """
+    from itertools import combinations_with_replacement
+
+    pairs = [
+        (f"{a} -> {b}", host_of(a, 0), host_of(b, 1), expected(a, b))
+        for a, b in combinations_with_replacement(PAIR_PROFILES, 2)
+    ]
+    pairs.append(("same-lan", "lan1", "lan2", "direct"))
+    pairs.append(("cone(open) -> cone(open)", "opena1", "openb1", "direct"))
+    return pairs

@@ -1,0 +1,119 @@
+"""
+punchd through real Linux NATs: every pairing of NAT profiles, loss, a
+rendezvous restart, and a NAT reboot.  Real twistd processes run inside the
+lab's namespaces and a program on each host uses punchd.client.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from punchd.netlab.lab import Lab
+from punchd.netlab.scenarios import (
+    Outcome,
+    World,
+    build_matrix_world,
+    format_table,
+    matrix_pairs,
+)
+
+pytestmark = pytest.mark.netlab
+
+
+@pytest.fixture
+def lab() -> Iterator[Lab]:
+    with Lab() as lab:
+        yield lab
+
+
+def test_every_pair_of_nat_profiles(lab: Lab, capsys: pytest.CaptureFixture[str]) -> None:
+    world = build_matrix_world(lab)
+    try:
+        world.start()
+        rows: list[tuple[str, Outcome]] = []
+        wrong = []
+        for label, initiator, responder, expected in matrix_pairs():
+            timeout = 4.0 if expected == "unreachable" else 8.0
+            outcome = world.tunnel(initiator, responder, timeout=timeout)
+            rows.append((label, outcome))
+            got = "direct" if outcome.ok else outcome.code
+            if got != expected:
+                wrong.append(f"{label}: expected {expected}, got {got}: {outcome.message}")
+            elif outcome.ok:
+                if outcome.exchanged != 20 or outcome.strays:
+                    wrong.append(f"{label}: exchanged {outcome.exchanged}, strays {outcome.strays}")
+            elif "tried" not in outcome.message:
+                wrong.append(f"{label}: unexplained failure: {outcome.message}")
+        with capsys.disabled():
+            print("\n" + format_table(rows))
+        assert not wrong, "\n".join(wrong)
+    finally:
+        world.close()
+
+
+def test_candidate_types_that_win(lab: Lab) -> None:
+    world = World(lab)
+    try:
+        world.add("lan", "same-lan")
+        world.add("pub", "public")
+        world.add("sym", "symmetric")
+        world.add("conea", "cone")
+        world.add("coneb", "cone")
+        world.start()
+        lan = world.tunnel("lan1", "lan2")
+        assert (lan.local_kind, lan.remote_kind) == ("host", "host")
+        cones = world.tunnel("conea1", "coneb1")
+        assert (cones.local_kind, cones.remote_kind) == ("srflx", "srflx")
+        # The public host learns the symmetric NAT's real port from its probes.
+        learned = world.tunnel("pub", "sym1")
+        assert learned.ok and learned.remote_kind == "prflx"
+    finally:
+        world.close()
+
+
+def test_cone_to_cone_connects_every_time_with_ten_percent_loss(lab: Lab) -> None:
+    world = World(lab)
+    try:
+        world.add("conea", "cone", loss=10)
+        world.add("coneb", "cone", loss=10)
+        world.start()
+        outcomes = [world.tunnel("conea1", "coneb1", count=10, timeout=10) for _ in range(10)]
+        failures = [o.message for o in outcomes if not o.ok]
+        assert not failures
+        assert all(o.exchanged == 10 and not o.strays for o in outcomes)
+    finally:
+        world.close()
+
+
+def test_agents_recover_from_a_rendezvous_restart(lab: Lab) -> None:
+    world = World(lab, keepalive=1.0)
+    try:
+        world.add("conea", "cone")
+        world.add("coneb", "cone")
+        world.start()
+        assert world.tunnel("conea1", "coneb1").ok
+        world.restart_rendezvous()
+        outcome = world.retry_tunnel("conea1", "coneb1", within=15)
+        assert outcome.ok, outcome.message
+        world.wait_registered()
+    finally:
+        world.close()
+
+
+def test_agent_recovers_when_its_nat_forgets_everything(lab: Lab) -> None:
+    world = World(lab, keepalive=1.0)
+    try:
+        world.add("conea", "cone")
+        world.add("coneb", "cone")
+        world.start()
+        assert world.tunnel("conea1", "coneb1").ok
+        world.sites["coneb"].flush_conntrack()
+        outcome = world.retry_tunnel("conea1", "coneb1", within=15)
+        assert outcome.ok, outcome.message
+        world.sites["conea"].flush_conntrack()
+        outcome = world.retry_tunnel("conea1", "coneb1", within=15)
+        assert outcome.ok, outcome.message
+    finally:
+        world.close()
