@@ -63,6 +63,7 @@ class Attr(enum.IntEnum):
     PUBLIC_KEY = 0x4D06
     LIFETIME = 0x4D07
     MORE = 0x4D08
+    WAIT = 0x4D09
 
 
 class CandidateKind(enum.IntEnum):

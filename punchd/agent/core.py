@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IListeningPort
@@ -36,6 +36,8 @@ from punchd.wire import Candidate, format_address
 log = Logger()
 
 MAX_TUNNELS = 1024
+FIRST_ROUND = 2.5
+MIN_SECOND_ROUND = 1.0
 
 FRIENDLY = {
     "peer-unknown": "{peer} is not a peer in this network",
@@ -195,6 +197,55 @@ class Agent:
             )
         if len(self.tunnels) >= MAX_TUNNELS:
             return _failed("busy", "too many tunnels being set up")
+        return self._two_rounds(peer, service, timeout, progress)
+
+    def _two_rounds(
+        self, peer: str, service: str, timeout: float, progress: ProgressCallback
+    ) -> Deferred[HandOff]:
+        """
+        Punch with both sides probing at once; if nothing gets through, try
+        again on fresh sockets with the peer waiting for our first check.
+
+        A NAT that accepts unsolicited traffic on its WAN side lets the
+        peer's early probe claim our mapping, which pushes our own traffic
+        to another port (design.md §6); the second round, in the other
+        order, gets past a NAT like that on either side.
+        """
+        started = self.reactor.seconds()
+        deadline = started + timeout
+        first = min(timeout / 2, FIRST_ROUND)
+        current: list[Deferred[HandOff]] = []
+        result: Deferred[HandOff] = Deferred(lambda d: current[-1].cancel())
+
+        def second(failure: Failure) -> Deferred[HandOff] | Failure:
+            left = deadline - self.reactor.seconds()
+            if not failure.check(TunnelFailed) or failure.value.code != "unreachable":  # type: ignore[union-attr]
+                return failure
+            if left < MIN_SECOND_ROUND:
+                return failure
+            progress({"event": "retrying", "reason": "no check got through; we probe first now"})
+            attempt = self._attempt(peer, service, left, progress, wait=True)
+            current.append(attempt)
+
+            def whole(hand_off: HandOff) -> HandOff:
+                hand_off.info["setup_ms"] = round((self.reactor.seconds() - started) * 1000, 3)
+                hand_off.info["rounds"] = 2
+                return hand_off
+
+            return attempt.addCallbacks(
+                whole,
+                lambda f: _annotate(f, "a second round with this side probing first failed too"),
+            )
+
+        attempt = self._attempt(peer, service, first, progress, wait=False)
+        current.append(attempt)
+        chained = cast("Deferred[HandOff]", attempt.addErrback(second))
+        chained.addCallbacks(result.callback, result.errback)
+        return result
+
+    def _attempt(
+        self, peer: str, service: str, timeout: float, progress: ProgressCallback, wait: bool
+    ) -> Deferred[HandOff]:
         tunnel_id = new_tunnel_id()
 
         def introduce(candidates: list[Candidate]) -> Deferred[tuple[list[Candidate], PublicKey]]:
@@ -204,6 +255,7 @@ class Agent:
                     (Attr.SERVICE, service.encode("ascii")),
                     (Attr.TUNNEL_ID, tunnel_id),
                     *wire.encode_candidates(candidates, transaction_id),
+                    *([(Attr.WAIT, b"")] if wait else []),
                 ]
 
             d = self.client.request(Method.CONNECT, attributes)
@@ -312,6 +364,7 @@ class Agent:
             timeout=self.settings.connect_timeout,
             peer_key=peer_key,
             remote_candidates=candidates,
+            wait_for_peer=message.has(Attr.WAIT),
         )
         tunnel.result.addCallbacks(self._deliver(service), lambda f: None)
 
@@ -339,6 +392,13 @@ class Agent:
             listener(hand_off)
 
         return deliver
+
+
+def _annotate(failure: Failure, note: str) -> Failure:
+    if isinstance(failure.value, TunnelFailed) and failure.value.code == "unreachable":
+        error = failure.value
+        return Failure(TunnelFailed(error.code, f"{error.message}; {note}"))
+    return failure
 
 
 def _failed(code: str, message: str) -> Deferred[HandOff]:

@@ -37,6 +37,8 @@ CHECK_BACKOFF = Backoff(initial=0.1, maximum=0.8, attempts=30)
 NOMINATE_BACKOFF = Backoff(initial=0.1, maximum=0.8, attempts=8)
 GRACE = 0.05
 GRACE_MIN = 0.005
+WAIT_LIMIT = 1.0
+WAIT_MIN = 0.02
 TRIGGER_GAP = 0.01
 QUIET = 1.5
 CONFIRM_COPIES = 3
@@ -153,8 +155,12 @@ class Tunnel:
         | None = None,
         peer_key: PublicKey | None = None,
         remote_candidates: list[Candidate] | None = None,
+        wait_for_peer: bool = False,
     ) -> None:
         self.reactor = reactor
+        self.wait_for_peer = wait_for_peer
+        self.rendezvous_rtt: float | None = None
+        self.wait_timer: IDelayedCall | None = None
         self.clock: IReactorTime = reactor
         self.role = role
         self.peer = peer
@@ -224,12 +230,17 @@ class Tunnel:
         self.our_ids.add(transaction_id)
         request = stun.build(Method.BINDING, MessageClass.REQUEST, transaction_id, fingerprint=True)
         rendezvous = self.rendezvous
-        d = self.transactions.start(
-            transaction_id, lambda: self.socket.send(request, rendezvous), GATHER_BACKOFF
-        )
+        sent_at = [self.clock.seconds()]
+
+        def send() -> None:
+            sent_at[0] = self.clock.seconds()
+            self.socket.send(request, rendezvous)
+
+        d = self.transactions.start(transaction_id, send, GATHER_BACKOFF)
 
         def mapped(answer: tuple[stun.Message, Address]) -> None:
             message, _ = answer
+            self.rendezvous_rtt = self.clock.seconds() - sent_at[0]
             value = message.get(Attr.XOR_MAPPED_ADDRESS)
             srflx = None
             if message.cls == MessageClass.SUCCESS and value is not None:
@@ -280,6 +291,8 @@ class Tunnel:
         Check every known remote at once (there are at most a few dozen tiny
         datagrams), then pace checks of remotes learned later.
         """
+        if self.wait_timer is not None and self.wait_timer.active():
+            self.wait_timer.cancel()
         if self.pacer is None:
             for address in list(self.queue):
                 remote = self.remotes[address]
@@ -289,6 +302,16 @@ class Tunnel:
             self.pacer = LoopingCall(self._pace)
             self.pacer.clock = self.clock
             self.pacer.start(PACING, now=False)
+
+    def wait_time(self) -> float:
+        """
+        How long a responder told to wait holds its first checks: long enough
+        for our answer to reach the initiator through the rendezvous and its
+        first checks to leave its NAT (the checks themselves may never get
+        here: our own NAT drops them until we have sent).
+        """
+        rtt = self.rendezvous_rtt if self.rendezvous_rtt is not None else WAIT_LIMIT / 4
+        return min(WAIT_LIMIT, max(WAIT_MIN, 3 * rtt + 0.01))
 
     def grace(self, remote: Address) -> float:
         """
@@ -300,6 +323,8 @@ class Tunnel:
         return min(GRACE, max(GRACE_MIN, 2 * rtt))
 
     def stop_checks(self) -> None:
+        if self.wait_timer is not None and self.wait_timer.active():
+            self.wait_timer.cancel()
         if self.pacer is not None and self.pacer.running:
             self.pacer.stop()
         self.pacer = None
@@ -493,6 +518,8 @@ class Tunnel:
         self.socket.send(answer, source)
         if message.has(Attr.USE_CANDIDATE) and self.role == "responder":
             self.machine.nominated(source)
+        elif self.wait_timer is not None and self.wait_timer.active():
+            self.start_checks()
         elif self.pacer is not None and not remote.answered:
             self._trigger(source, remote)
 
@@ -671,7 +698,10 @@ def build_tunnel_machine_factory() -> Callable[[TunnelCore], TunnelMachine]:
             tunnel.set_peer_key(peer_key)
             tunnel.progress({"event": "introduced", "candidates": [str(c) for c in remote]})
         tunnel.progress({"event": "probing", "pairs": len(tunnel.remotes)})
-        tunnel.start_checks()
+        if tunnel.wait_for_peer:
+            tunnel.wait_timer = tunnel.clock.callLater(tunnel.wait_time(), tunnel.start_checks)
+        else:
+            tunnel.start_checks()
 
     @introducing.upon(TunnelMachine.refused).to(failed)
     def refused(m: TunnelMachine, core: TunnelCore, code: str, message: str) -> None:

@@ -260,8 +260,9 @@ def host_of(profile: str, instance: int) -> str:
 
 def build_matrix_world(lab: Lab, keepalive: float = 2.0) -> World:
     """
-    Two sites of every profile, a same-LAN site with two hosts, and two
-    cone NATs whose input chains admit unsolicited WAN traffic (design.md §6).
+    Two sites of every profile, a same-LAN site with two hosts, two cone
+    NATs whose input chains admit unsolicited WAN traffic (design.md §6),
+    and one more plain cone to face them.
     """
     world = World(lab, keepalive=keepalive)
     for profile, names in SITE_NAMES.items():
@@ -270,6 +271,7 @@ def build_matrix_world(lab: Lab, keepalive: float = 2.0) -> World:
     world.add("lan", "same-lan")
     world.add("opena", "cone", wan_input="accept")
     world.add("openb", "cone", wan_input="accept")
+    world.add("plainc", "cone")
     return world
 
 
@@ -285,5 +287,9 @@ def matrix_pairs() -> list[tuple[str, str, str, str]]:
         for a, b in combinations_with_replacement(PAIR_PROFILES, 2)
     ]
     pairs.append(("same-lan", "lan1", "lan2", "direct"))
-    pairs.append(("cone(open) -> cone(open)", "opena1", "openb1", "direct"))
+    pairs.append(("cone(open) -> cone", "opena1", "plainc1", "direct"))
+    pairs.append(("cone -> cone(open)", "plainc1", "openb1", "direct"))
+    # Both NATs let the other's first probe claim their mapping: only a
+    # truly simultaneous open would pass, and no ordering can promise that.
+    pairs.append(("cone(open) -> cone(open)", "opena1", "openb1", "unreachable"))
     return pairs

@@ -409,6 +409,7 @@ class RendezvousProtocol(DatagramProtocol):
                 (Attr.TUNNEL_ID, tunnel_id),
                 (Attr.PUBLIC_KEY, initiator_entry.public_key.raw),
                 *wire.encode_candidates(candidates, incoming_id),
+                *([(Attr.WAIT, b"")] if message.has(Attr.WAIT) else []),
             ],
             target_key,
         )
