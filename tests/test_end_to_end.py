@@ -62,6 +62,21 @@ def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def settled_fds(*pids: int) -> tuple[int, ...]:
+    """
+    Descriptor counts once they stop changing (an earlier control
+    connection may still be closing on the agent's side).
+    """
+    counts = tuple(open_fds(p) for p in pids)
+    for _ in range(50):
+        time.sleep(0.1)
+        again = tuple(open_fds(p) for p in pids)
+        if again == counts:
+            return counts
+        counts = again
+    return counts
+
+
 def test_peers_are_listed_per_network(deployment: Deployment) -> None:
     alice = client.peers(socket_path=deployment.agents["alice"].socket_path)
     mallory = client.peers(socket_path=deployment.agents["mallory"].socket_path)
@@ -142,7 +157,7 @@ def test_many_concurrent_tunnels_and_descriptors_return_to_baseline(
     count = 200
     alice, bob = deployment.agents["alice"], deployment.agents["bob"]
     assert alice.process is not None and bob.process is not None
-    baseline = (open_fds(alice.process.pid), open_fds(bob.process.pid))
+    baseline = settled_fds(alice.process.pid, bob.process.pid)
     accepted: list[client.Tunnel] = []
     with client.listen("bulk", socket_path=bob.socket_path) as listener:
 
@@ -154,7 +169,9 @@ def test_many_concurrent_tunnels_and_descriptors_return_to_baseline(
         acceptor.start()
         with ThreadPoolExecutor(max_workers=count) as pool:
             futures = [
-                pool.submit(client.connect, "bob", "bulk", socket_path=alice.socket_path, timeout=20)
+                pool.submit(
+                    client.connect, "bob", "bulk", socket_path=alice.socket_path, timeout=20
+                )
                 for _ in range(count)
             ]
             opened = [f.result() for f in futures]
