@@ -20,6 +20,9 @@ from typing import Any
 from punchd import client
 from punchd.keys import PrivateKey, write_private_key
 
+#: How the daemons run here: under twist, logging text lines to the log file.
+TWIST = [sys.executable, "-m", "twisted", "--log-format", "text"]
+
 #: Starts a process: argv, and keyword arguments for subprocess.Popen.
 Launch = Callable[..., "subprocess.Popen[bytes]"]
 
@@ -132,7 +135,7 @@ class Deployment:
             out.close()
 
     def start_rendezvous(self, launch: Launch = local_launch, wait: float = 15.0) -> None:
-        argv = [sys.executable, "-m", "twisted", "rendezvous", "--config", "rendezvous.toml"]
+        argv = [*TWIST, "rendezvous", "--config", "rendezvous.toml"]
         self.rendezvous_process = self._spawn(argv, self.rendezvous_log, launch)
         if wait:
             self._wait_for(
@@ -147,7 +150,7 @@ class Deployment:
         self, name: str, launch: Launch = local_launch, wait: float = 15.0
     ) -> AgentHandle:
         agent = self.agents[name]
-        argv = [sys.executable, "-m", "twisted", "punch-agent", "--config", agent.config.name]
+        argv = [*TWIST, "punch-agent", "--config", agent.config.name]
         agent.process = self._spawn(argv, agent.log, launch)
         if wait:
             self.wait_registered(name, wait)

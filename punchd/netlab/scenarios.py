@@ -76,10 +76,12 @@ class World:
         loss: int = 0,
         wan_input: str = "drop",
         hosts: int | None = None,
+        agents: list[str] | None = None,
     ) -> list[Host]:
         """
         A site called C{name} with the given NAT profile (or a public host
-        for "public"), with an agent registered per host.
+        for "public"), with an agent per host, named after its host unless
+        C{agents} names them.
         """
         if profile == "public":
             added = [self.lab.add_public_host(name)]
@@ -93,9 +95,10 @@ class World:
             )
             self.sites[name] = site
             added = list(site.hosts)
-        for host in added:
-            self.hosts[host.name] = host
-            self.deployment.add_agent(host.name, socket_dir=self.lab.tmpdir)
+        for index, host in enumerate(added):
+            agent = agents[index] if agents else host.name
+            self.hosts[agent] = host
+            self.deployment.add_agent(agent, socket_dir=self.lab.tmpdir)
         return added
 
     def start(self) -> None:
