@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import string
 import sys
 from typing import IO, Any
@@ -103,6 +104,41 @@ def observer(log_format: str, stream: IO[str] | None = None) -> ILogObserver:
     return FilteringLogObserver(inner, [LogLevelFilterPredicate(defaultLogLevel=_level())])
 
 
+def wanted(log_format: str) -> bool:
+    """
+    Whether punchd's observer should replace the launcher's own: JSON was
+    asked for, journald is reading, or debug lines are.
+    """
+    return log_format == "json" or "JOURNAL_STREAM" in os.environ or "PUNCHD_DEBUG" in os.environ
+
+
+def adopt_launcher(options: Any, log_format: str) -> None:
+    """
+    Under C{twist}, whose runner reads its log observer factory from the
+    parent options rather than from the application, put punchd's there.
+    """
+    parent = getattr(options, "parent", None)
+    if parent is not None and "fileLogObserverFactory" in parent and wanted(log_format):
+        parent["fileLogObserverFactory"] = lambda out: observer(log_format, out)
+
+
+def notify_ready() -> None:
+    """
+    Tell systemd (Type=notify) that the daemon is up: its signal handlers
+    are in place and its sockets listen.  A no-op outside systemd.
+    """
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+            notify.sendto(b"READY=1", address)
+    except OSError:
+        pass
+
+
 class LoggingService(service.MultiService):
     """
     A daemon's top service: installs punchd's log observer into the
@@ -115,11 +151,6 @@ class LoggingService(service.MultiService):
         self.log_format = log_format
 
     def setServiceParent(self, parent: Any) -> None:
-        wanted = (
-            self.log_format == "json"
-            or "JOURNAL_STREAM" in os.environ
-            or "PUNCHD_DEBUG" in os.environ
-        )
-        if wanted and hasattr(parent, "setComponent"):
+        if wanted(self.log_format) and hasattr(parent, "setComponent"):
             parent.setComponent(ILogObserver, observer(self.log_format))
         super().setServiceParent(parent)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 from twisted.application import service
 from twisted.internet.defer import Deferred
@@ -21,7 +21,7 @@ from punchd.agent.control import (
 )
 from punchd.agent.core import Agent
 from punchd.config import AgentConfig, ConfigError, load_agent_config
-from punchd.logs import LoggingService
+from punchd.logs import LoggingService, adopt_launcher, notify_ready
 
 OVERRIDABLE = (
     "name",
@@ -79,11 +79,16 @@ class Options(usage.Options):
             self["settings"] = load_agent_config(self["config"], overrides)
         except ConfigError as e:
             _die(str(e))
+        adopt_launcher(self, self["settings"].log_format)
 
 
-def _die(message: str) -> None:
+#: sysexits.h EX_CONFIG: the units tell systemd not to restart on it.
+EX_CONFIG = 78
+
+
+def _die(message: str) -> NoReturn:
     sys.stderr.write(f"punch-agent: {message}\n")
-    raise SystemExit(1)
+    raise SystemExit(EX_CONFIG)
 
 
 class AgentService(service.Service):
@@ -97,6 +102,7 @@ class AgentService(service.Service):
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
         self.agent.start()
+        notify_ready()
 
     def stopService(self) -> Deferred[None] | None:
         super().stopService()  # type: ignore[no-untyped-call]

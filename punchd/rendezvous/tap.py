@@ -14,12 +14,15 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from punchd.config import ConfigError, RendezvousConfig, load_peers, load_rendezvous_config
-from punchd.logs import LoggingService
+from punchd.logs import LoggingService, adopt_launcher, notify_ready
 from punchd.rendezvous.limits import SourceLimiter
 from punchd.rendezvous.registry import MemoryRegistry
 from punchd.rendezvous.server import Directory, RendezvousProtocol
 
 log = Logger()
+
+#: sysexits.h EX_CONFIG: the units tell systemd not to restart on it.
+EX_CONFIG = 78
 
 
 class Options(usage.Options):
@@ -82,7 +85,8 @@ class Options(usage.Options):
             self["settings"] = load_rendezvous_config(self["config"], overrides)
         except ConfigError as e:
             sys.stderr.write(f"rendezvous: {e}\n")
-            raise SystemExit(1) from None
+            raise SystemExit(EX_CONFIG) from None
+        adopt_launcher(self, self["settings"].log_format)
 
 
 class RendezvousService(LoggingService):
@@ -111,8 +115,8 @@ class RendezvousService(LoggingService):
             port=self.settings.port,
             count=len(self.settings.peers),
         )
-        if hasattr(signal, "SIGHUP"):
-            signal.signal(signal.SIGHUP, lambda *_: self._reactor.callFromThread(self.reload_peers))
+        signal.signal(signal.SIGHUP, lambda *_: self._reactor.callFromThread(self.reload_peers))
+        notify_ready()
 
     def stopService(self) -> Any:
         self.protocol.stop()
@@ -137,6 +141,8 @@ def makeService(config: Options, reactor: Any = None) -> service.IService:
 
         reactor = default_reactor
     settings: RendezvousConfig = config["settings"]
+    # Until startService installs the reload handler, a SIGHUP must not kill us.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     clock: IReactorTime = reactor
     burst = settings.binding_rate * 2
     protocol = RendezvousProtocol(
