@@ -15,7 +15,7 @@ from punchd import stun
 from punchd.stun import Attr, MessageClass
 
 #: Peer, agent and service names: short, printable, safe in logs and paths.
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 
 TUNNEL_ID_LENGTH = 16
 MAX_CANDIDATES = 16

@@ -214,6 +214,8 @@ class Agent:
         started = self.reactor.seconds()
         deadline = started + timeout
         first = min(timeout / 2, FIRST_ROUND)
+        # Round one probes for at most `first` seconds once introduced, so
+        # that round two has time; a slow introduction may use the rest.
         current: list[Deferred[HandOff]] = []
         result: Deferred[HandOff] = Deferred(lambda d: current[-1].cancel())
 
@@ -237,14 +239,20 @@ class Agent:
                 lambda f: _annotate(f, "a second round with this side probing first failed too"),
             )
 
-        attempt = self._attempt(peer, service, first, progress, wait=False)
+        attempt = self._attempt(peer, service, timeout, progress, wait=False, checks=first)
         current.append(attempt)
         chained = cast("Deferred[HandOff]", attempt.addErrback(second))
         chained.addCallbacks(result.callback, result.errback)
         return result
 
     def _attempt(
-        self, peer: str, service: str, timeout: float, progress: ProgressCallback, wait: bool
+        self,
+        peer: str,
+        service: str,
+        timeout: float,
+        progress: ProgressCallback,
+        wait: bool,
+        checks: float | None = None,
     ) -> Deferred[HandOff]:
         tunnel_id = new_tunnel_id()
 
@@ -271,6 +279,7 @@ class Agent:
             timeout=timeout,
             progress=progress,
             introduce=introduce,
+            check_budget=checks,
         )
         return tunnel.result
 

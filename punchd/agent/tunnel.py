@@ -38,6 +38,8 @@ NOMINATE_BACKOFF = Backoff(initial=0.1, maximum=0.8, attempts=8)
 GRACE = 0.05
 GRACE_MIN = 0.005
 WAIT_LIMIT = 1.0
+LINGER_MIN = 0.005
+LINGER_MAX = 0.1
 WAIT_MIN = 0.02
 TRIGGER_GAP = 0.01
 QUIET = 1.5
@@ -156,9 +158,12 @@ class Tunnel:
         peer_key: PublicKey | None = None,
         remote_candidates: list[Candidate] | None = None,
         wait_for_peer: bool = False,
+        check_budget: float | None = None,
     ) -> None:
         self.reactor = reactor
         self.wait_for_peer = wait_for_peer
+        self.check_budget = check_budget
+        self.check_timer: IDelayedCall | None = None
         self.rendezvous_rtt: float | None = None
         self.wait_timer: IDelayedCall | None = None
         self.clock: IReactorTime = reactor
@@ -185,6 +190,9 @@ class Tunnel:
         self.our_ids: set[bytes] = set()
         self.key: bytes | None = None
         self.early: list[tuple[bytes, Address]] = []
+        self.confirmations: set[bytes] = set()
+        self.rtt_samples: list[float] = []
+        self.nominated_at: float | None = None
         self.pacer: LoopingCall | None = None
         self.grace_timer: IDelayedCall | None = None
         self.nominated_remote: Address | None = None
@@ -423,9 +431,15 @@ class Tunnel:
             self.socket.send(data, self.nominated_remote)
 
     def linger_time(self) -> float:
-        rtts = [r.rtt for r in self.remotes.values() if r.rtt is not None]
-        rtt = min(rtts) if rtts else 0.05
-        return min(0.25, max(0.01, 2 * rtt + 0.005))
+        """
+        How long to keep reading before the hand-off: our own late answers and
+        the peer's stragglers trail by up to the path's jitter, which the
+        slowest round trip we measured bounds.  Capped, because on a busy
+        agent the measured RTT is mostly its own queueing.
+        """
+        rtts = [r.rtt for r in self.remotes.values() if r.rtt is not None] + self.rtt_samples
+        rtt = max(rtts) if rtts else 0.05
+        return min(LINGER_MAX, max(LINGER_MIN, 2 * rtt + 0.002))
 
     # -- datagrams in ----------------------------------------------------
 
@@ -494,7 +508,12 @@ class Tunnel:
         if message.method == Method.BINDING and message.cls == MessageClass.REQUEST:
             self._answer_check(message, source)
         elif message.method == Method.CONFIRM and message.cls == MessageClass.INDICATION:
+            self.confirmations.add(message.transaction_id)
             if source == self.nominated_remote:
+                if self.nominated_at is not None and len(self.confirmations) == 1:
+                    # Our answer to the nomination went out, the confirmation
+                    # came back: a round trip on this very path.
+                    self.rtt_samples.append(self.clock.seconds() - self.nominated_at)
                 self.machine.confirmed()
 
     def _answer_check(self, message: stun.Message, source: Address) -> None:
@@ -660,6 +679,8 @@ class Tunnel:
     def cleanup(self) -> None:
         if self.core.deadline is not None and self.core.deadline.active():
             self.core.deadline.cancel()
+        if self.check_timer is not None and self.check_timer.active():
+            self.check_timer.cancel()
         self.core.cancel_timer()
 
 
@@ -698,6 +719,9 @@ def build_tunnel_machine_factory() -> Callable[[TunnelCore], TunnelMachine]:
             tunnel.set_peer_key(peer_key)
             tunnel.progress({"event": "introduced", "candidates": [str(c) for c in remote]})
         tunnel.progress({"event": "probing", "pairs": len(tunnel.remotes)})
+        if tunnel.check_budget is not None:
+            # This round may probe for so long; the introduction had its own time.
+            tunnel.check_timer = tunnel.clock.callLater(tunnel.check_budget, m.deadlineIsReached)
         if tunnel.wait_for_peer:
             tunnel.wait_timer = tunnel.clock.callLater(tunnel.wait_time(), tunnel.start_checks)
         else:
@@ -745,6 +769,7 @@ def build_tunnel_machine_factory() -> Callable[[TunnelCore], TunnelMachine]:
         tunnel = core.glue
         tunnel.stop_checks()
         tunnel.nominated_remote = remote
+        tunnel.nominated_at = tunnel.clock.seconds()
         tunnel.socket.peeking = True
         core.timer = tunnel.clock.callLater(QUIET, m.quietPeriodIsOver)
 
@@ -754,9 +779,18 @@ def build_tunnel_machine_factory() -> Callable[[TunnelCore], TunnelMachine]:
         core.timer = core.glue.clock.callLater(QUIET, m.quietPeriodIsOver)
 
     @awaiting_confirm.upon(TunnelMachine.confirmed).to(lingering)
+    @lingering.upon(TunnelMachine.confirmed).loop()
     def linger(m: TunnelMachine, core: TunnelCore) -> None:
+        # Each copy of the confirmation restarts the wait: once every copy is
+        # in, only network duplicates can trail, so a short tail will do;
+        # until then a copy may just be late (or lost), so wait a full linger.
+        tunnel = core.glue
         core.cancel_timer()
-        core.timer = core.glue.clock.callLater(core.glue.linger_time(), m.lingerIsOver)
+        if len(tunnel.confirmations) >= CONFIRM_COPIES:
+            wait = LINGER_MIN
+        else:
+            wait = tunnel.linger_time()
+        core.timer = tunnel.clock.callLater(wait, m.lingerIsOver)
 
     @awaiting_confirm.upon(TunnelMachine.quietPeriodIsOver).to(handed_off)
     @awaiting_confirm.upon(TunnelMachine.programSpoke).to(handed_off)
@@ -796,7 +830,6 @@ def build_tunnel_machine_factory() -> Callable[[TunnelCore], TunnelMachine]:
         lingering: [
             "checkSucceeded",
             "graceIsOver",
-            "confirmed",
             "nominated",
             "nominationAnswered",
         ],

@@ -292,7 +292,7 @@ def matrix_pairs() -> list[tuple[str, str, str, str]]:
     pairs.append(("same-lan", "lan1", "lan2", "direct"))
     pairs.append(("cone(open) -> cone", "opena1", "plainc1", "direct"))
     pairs.append(("cone -> cone(open)", "plainc1", "openb1", "direct"))
-    # Both NATs let the other's first probe claim their mapping: only a
-    # truly simultaneous open would pass, and no ordering can promise that.
-    pairs.append(("cone(open) -> cone(open)", "opena1", "openb1", "unreachable"))
+    # Both NATs let the other's first probe claim their mapping: only probes
+    # that cross in flight pass, so the outcome is a race either way.
+    pairs.append(("cone(open) -> cone(open)", "opena1", "openb1", "direct|unreachable"))
     return pairs

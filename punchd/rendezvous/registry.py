@@ -32,7 +32,12 @@ class ReplayWindow:
         """
         if sequence > self.highest:
             shift = sequence - self.highest
-            self.bitmap = ((self.bitmap << shift) | 1) & ((1 << REPLAY_WINDOW) - 1)
+            # A restarted agent jumps by its uptime in microseconds: shifting
+            # by that much would allocate gigabytes only to mask them away.
+            if shift >= REPLAY_WINDOW:
+                self.bitmap = 1
+            else:
+                self.bitmap = ((self.bitmap << shift) | 1) & ((1 << REPLAY_WINDOW) - 1)
             self.highest = sequence
             return True
         offset = self.highest - sequence

@@ -39,7 +39,7 @@ def test_every_pair_of_nat_profiles(lab: Lab, capsys: pytest.CaptureFixture[str]
             outcome = world.tunnel(initiator, responder, timeout=timeout)
             rows.append((label, outcome))
             got = "direct" if outcome.ok else outcome.code
-            if got != expected:
+            if got not in expected.split("|"):
                 wrong.append(f"{label}: expected {expected}, got {got}: {outcome.message}")
             elif outcome.ok:
                 if outcome.exchanged != 20 or outcome.strays:
