@@ -1,0 +1,3 @@
+"""
+Benchmarks: they print numbers and never pass or fail (design.md §1).
+"""
