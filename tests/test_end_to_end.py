@@ -103,7 +103,7 @@ def test_tunnel_is_a_connected_udp_socket_carrying_only_peer_data(deployment: De
         assert ours.socket.getpeername() == theirs.socket.getsockname()
         assert theirs.socket.getpeername() == ours.socket.getsockname()
         # A stranger's datagram never reaches the program: the socket is connected.
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as stranger:
+        with socket.socket(ours.socket.family, socket.SOCK_DGRAM) as stranger:
             stranger.sendto(b"junk", ours.socket.getsockname())
         exchange(ours.socket, theirs.socket, 1000)
         ours.socket.settimeout(0.3)

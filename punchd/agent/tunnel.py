@@ -10,6 +10,7 @@ the hand-off).  The machine decides; the glue does the I/O.
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -116,6 +117,14 @@ class RemoteState:
     transaction_id: bytes | None = None
     triggered_at: float = float("-inf")
 
+    @property
+    def priority(self) -> int:
+        """
+        Direct LAN over reflexive over relayed; within a type, IPv6 first
+        (no NAT in its way, as RFC 8421 prefers for ICE).
+        """
+        return self.candidate.kind.preference * 2 + (":" in self.candidate.host)
+
 
 @dataclass
 class TunnelCore:
@@ -181,8 +190,12 @@ class Tunnel:
         self.result: Deferred[HandOff] = Deferred(lambda d: self.machine.cancel())
         self.gathered_result: Deferred[list[Candidate]] = Deferred()
         self.socket = TunnelSocket(self._fdset(), self._datagram, self._keep_for_program)
-        port = self.socket.local[1]
-        self.local_candidates = [Candidate(CandidateKind.HOST, h, port) for h in host_addresses]
+        self.socket6 = self._ipv6_socket() if any(":" in h for h in host_addresses) else None
+        self.local_candidates = [
+            Candidate(CandidateKind.HOST, h, self._socket_for(h).local[1])
+            for h in host_addresses
+            if ":" not in h or self.socket6 is not None
+        ]
         self.srflx: Candidate | None = None
         self.remotes: dict[Address, RemoteState] = {}
         self.queue: list[Address] = []
@@ -204,13 +217,45 @@ class Tunnel:
             self.set_peer_key(peer_key)
         for candidate in remote_candidates or []:
             self.add_remote(candidate)
-        self.socket.start_reading()
+        for each in self.sockets():
+            each.start_reading()
         self.core.deadline = self.clock.callLater(timeout, self.machine.deadlineIsReached)
         self._gather()
 
     def _fdset(self) -> IReactorFDSet:
         fdset: IReactorFDSet = self.reactor
         return fdset
+
+    # -- sockets: one per address family ---------------------------------
+
+    def _ipv6_socket(self) -> TunnelSocket | None:
+        try:
+            return TunnelSocket(
+                self._fdset(), self._datagram, self._keep_for_program, family=socket.AF_INET6
+            )
+        except OSError as e:
+            log.info("no IPv6 candidates: {error}", error=e)
+            return None
+
+    def sockets(self) -> list[TunnelSocket]:
+        return [self.socket] if self.socket6 is None else [self.socket, self.socket6]
+
+    def _socket_for(self, host: str) -> TunnelSocket:
+        if ":" in host and self.socket6 is not None:
+            return self.socket6
+        return self.socket
+
+    def send(self, data: bytes, address: Address) -> None:
+        if ":" in address[0] and self.socket6 is None:
+            return
+        self._socket_for(address[0]).send(data, address)
+
+    def peek_before_reading(self) -> None:
+        """
+        From now on the peer's program may speak: look before consuming.
+        """
+        for each in self.sockets():
+            each.peeking = True
 
     # -- identity and keys ----------------------------------------------
 
@@ -242,7 +287,7 @@ class Tunnel:
 
         def send() -> None:
             sent_at[0] = self.clock.seconds()
-            self.socket.send(request, rendezvous)
+            self.send(request, rendezvous)
 
         d = self.transactions.start(transaction_id, send, GATHER_BACKOFF)
 
@@ -281,14 +326,14 @@ class Tunnel:
             state = RemoteState(Candidate(candidate.kind, *address))
             self.remotes[address] = state
             self.queue.append(address)
-            self.queue.sort(key=lambda a: -self.remotes[a].candidate.kind.preference)
+            self.queue.sort(key=lambda a: -self.remotes[a].priority)
         elif state.candidate.kind == CandidateKind.PRFLX and candidate.kind != CandidateKind.PRFLX:
             state.candidate = Candidate(candidate.kind, *address)
         return state
 
     def best_possible(self) -> int:
         return max(
-            (r.candidate.kind.preference for r in self.remotes.values() if not r.answered),
+            (r.priority for r in self.remotes.values() if not r.answered),
             default=-1,
         )
 
@@ -378,7 +423,7 @@ class Tunnel:
         def send() -> None:
             remote.checks_sent += 1
             last_sent[0] = self.clock.seconds()
-            self.socket.send(data, address)
+            self.send(data, address)
 
         d = self.transactions.start(
             transaction_id, send, NOMINATE_BACKOFF if nominate else CHECK_BACKOFF
@@ -428,7 +473,7 @@ class Tunnel:
                 [(Attr.USERNAME, f"{self.id_hex}:{self.own_role}".encode("ascii"))],
                 self.key,
             )
-            self.socket.send(data, self.nominated_remote)
+            self.send(data, self.nominated_remote)
 
     def linger_time(self) -> float:
         """
@@ -534,7 +579,7 @@ class Tunnel:
             [(Attr.XOR_MAPPED_ADDRESS, stun.encode_xor_address(*source, message.transaction_id))],
             self.key,
         )
-        self.socket.send(answer, source)
+        self.send(answer, source)
         if message.has(Attr.USE_CANDIDATE) and self.role == "responder":
             self.machine.nominated(source)
         elif self.wait_timer is not None and self.wait_timer.active():
@@ -575,7 +620,11 @@ class Tunnel:
         assert address is not None
         remote = self.remotes[address]
         self.stop_checks()
-        sock = self.socket.release(address, self.ours)
+        chosen = self._socket_for(address[0])
+        sock = chosen.release(address, self.ours)
+        for other in self.sockets():
+            if other is not chosen:
+                other.close()
         setup = self.clock.seconds() - self.started_at
         info = {
             "id": self.id_hex,
@@ -584,7 +633,7 @@ class Tunnel:
             "role": self.role,
             "local": format_address(remote.mapped)
             if remote.mapped
-            else format_address(self.socket.local),
+            else format_address(chosen.local),
             "remote": format_address(address),
             "path": "direct",
             "candidates": {"local": self.local_kind(remote), "remote": remote.candidate.kind.label},
@@ -635,7 +684,8 @@ class Tunnel:
         if self.intro_deferred is not None:
             d, self.intro_deferred = self.intro_deferred, None
             d.cancel()
-        self.socket.close()
+        for each in self.sockets():
+            each.close()
         log.info(
             "tunnel {id} to {peer} for {service} failed after {ms} ms: {code}: {message}",
             id=self.id_hex[:12],
@@ -737,7 +787,7 @@ def build_tunnel_machine_factory() -> Callable[[TunnelCore], TunnelMachine]:
         tunnel = core.glue
         if tunnel.role != "initiator":
             return
-        preference = tunnel.remotes[remote].candidate.kind.preference
+        preference = tunnel.remotes[remote].priority
         if preference >= tunnel.best_possible():
             core.chosen = remote
             m.graceIsOver()
@@ -748,7 +798,7 @@ def build_tunnel_machine_factory() -> Callable[[TunnelCore], TunnelMachine]:
     def nominate_best(m: TunnelMachine, core: TunnelCore) -> None:
         tunnel = core.glue
         answered = [a for a, r in tunnel.remotes.items() if r.answered]
-        best = max(answered, key=lambda a: tunnel.remotes[a].candidate.kind.preference)
+        best = max(answered, key=lambda a: tunnel.remotes[a].priority)
         tunnel.grace_timer = None
         tunnel.nominate(core.chosen or best)
 
@@ -756,7 +806,7 @@ def build_tunnel_machine_factory() -> Callable[[TunnelCore], TunnelMachine]:
     def confirm_and_linger(m: TunnelMachine, core: TunnelCore) -> None:
         tunnel = core.glue
         tunnel.send_confirm()
-        tunnel.socket.peeking = True
+        tunnel.peek_before_reading()
         core.timer = tunnel.clock.callLater(tunnel.linger_time(), m.lingerIsOver)
 
     @nominating.upon(TunnelMachine.nominationFailed).to(failed)
@@ -770,7 +820,7 @@ def build_tunnel_machine_factory() -> Callable[[TunnelCore], TunnelMachine]:
         tunnel.stop_checks()
         tunnel.nominated_remote = remote
         tunnel.nominated_at = tunnel.clock.seconds()
-        tunnel.socket.peeking = True
+        tunnel.peek_before_reading()
         core.timer = tunnel.clock.callLater(QUIET, m.quietPeriodIsOver)
 
     @awaiting_confirm.upon(TunnelMachine.nominated).loop()

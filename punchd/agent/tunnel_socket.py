@@ -36,15 +36,24 @@ class TunnelSocket:
         reactor: IReactorFDSet,
         received: Callable[[bytes, tuple[str, int]], None],
         keep: Callable[[bytes, tuple[str, int]], bool],
-        bind: tuple[str, int] = ("0.0.0.0", 0),
+        bind: tuple[str, int] | None = None,
+        family: socket.AddressFamily = socket.AF_INET,
     ) -> None:
         self._reactor = reactor
         self._received = received
         self._keep = keep
         self.peeking = False
-        self.sock: socket.socket | None = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.setblocking(False)
-        self.sock.bind(bind)
+        self.family = family
+        self.sock: socket.socket | None = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            self.sock.setblocking(False)
+            if family == socket.AF_INET6:
+                # IPv4 has its own socket: keep this one to IPv6 proper.
+                self.sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            self.sock.bind(bind or (("::", 0) if family == socket.AF_INET6 else ("0.0.0.0", 0)))
+        except OSError:
+            self.sock.close()
+            raise
         self.local = self.sock.getsockname()[:2]
         self._reading = False
 

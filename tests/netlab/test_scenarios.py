@@ -117,3 +117,35 @@ def test_agent_recovers_when_its_nat_forgets_everything(lab: Lab) -> None:
         assert outcome.ok, outcome.message
     finally:
         world.close()
+
+
+def enable_ipv6(world: World, name: str, address: str) -> None:
+    host = world.hosts[name]
+    for key in ("all", "default", "eth0"):
+        host.check_output(["sysctl", "-q", "-w", f"net.ipv6.conf.{key}.disable_ipv6=0"])
+    host.check_output(["ip", "-6", "addr", "add", f"{address}/64", "dev", "eth0", "nodad"])
+
+
+def test_ipv6_host_candidates_carry_the_tunnel_when_ipv4_cannot(lab: Lab) -> None:
+    world = World(lab)
+    try:
+        world.add("sixa", "public")
+        world.add("sixb", "public")
+        enable_ipv6(world, "sixa", "2001:db8::a")
+        enable_ipv6(world, "sixb", "2001:db8::b")
+        # IPv4 between the two is cut (the rendezvous stays reachable).
+        world.hosts["sixa"].check_output(
+            ["nft", "-f", "-"],
+            input=(
+                "table ip cut {\n  chain out {\n    type filter hook output priority 0;\n"
+                f"    ip daddr {world.hosts['sixb'].address} drop\n  }}\n}}\n"
+            ),
+        )
+        world.start()
+        outcome = world.tunnel("sixa", "sixb")
+        assert outcome.ok, outcome.message
+        assert (outcome.local_kind, outcome.remote_kind) == ("host", "host")
+        assert outcome.accept["info"]["remote"].startswith("[2001:db8::a]:")
+        assert outcome.exchanged == 20 and not outcome.strays
+    finally:
+        world.close()
