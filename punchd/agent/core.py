@@ -36,7 +36,7 @@ from punchd.wire import Candidate, format_address
 log = Logger()
 
 MAX_TUNNELS = 1024
-FIRST_ROUND = 2.5
+FIRST_ROUND = 1.5
 MIN_SECOND_ROUND = 1.0
 
 FRIENDLY = {

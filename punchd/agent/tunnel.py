@@ -755,6 +755,12 @@ def build_tunnel_machine_factory() -> Callable[[TunnelCore], TunnelMachine]:
         if tunnel.role == "initiator":
             tunnel.introduce()
         else:
+            if not tunnel.wait_for_peer:
+                # Our first checks must leave before our answer can reach the
+                # initiator: its checks then find our NAT already open toward
+                # it, even if that NAT would let an early arrival claim our
+                # mapping (design.md §6) and even if we lose the CPU now.
+                tunnel.start_checks()
             tunnel.gathered_result.callback(tunnel.candidates())
             m.introduced([], tunnel.own_key.public_key())
 
