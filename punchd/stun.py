@@ -37,6 +37,7 @@ class Method(enum.IntEnum):
     CONNECT = 0x803
     INCOMING = 0x804
     CONFIRM = 0x805
+    ABANDON = 0x806
 
 
 class Attr(enum.IntEnum):

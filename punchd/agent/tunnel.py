@@ -45,6 +45,8 @@ WAIT_MIN = 0.02
 TRIGGER_GAP = 0.01
 QUIET = 1.5
 CONFIRM_COPIES = 3
+ABANDON_COPIES = 2
+ABANDON_TARGETS = 8
 EARLY_BUFFER = 16
 
 Address = tuple[str, int]
@@ -96,6 +98,9 @@ class TunnelMachine(Protocol):
 
     def cancel(self) -> None:
         "The caller gave up."
+
+    def peerGaveUp(self) -> None:
+        "The peer's agent abandoned this tunnel."
 
     def describe(self) -> str:
         "The state's name."
@@ -204,6 +209,7 @@ class Tunnel:
         self.key: bytes | None = None
         self.early: list[tuple[bytes, Address]] = []
         self.confirmations: set[bytes] = set()
+        self.peer_gave_up = False
         self.rtt_samples: list[float] = []
         self.nominated_at: float | None = None
         self.pacer: LoopingCall | None = None
@@ -552,6 +558,8 @@ class Tunnel:
             return
         if message.method == Method.BINDING and message.cls == MessageClass.REQUEST:
             self._answer_check(message, source)
+        elif message.method == Method.ABANDON and message.cls == MessageClass.INDICATION:
+            self.machine.peerGaveUp()
         elif message.method == Method.CONFIRM and message.cls == MessageClass.INDICATION:
             self.confirmations.add(message.transaction_id)
             if source == self.nominated_remote:
@@ -679,8 +687,31 @@ class Tunnel:
             )
         return f"no direct path to {self.peer}: {why}; tried " + "; ".join(parts)
 
+    def send_abandon(self) -> None:
+        """
+        Tell the peer, best effort, over the paths that worked, that this
+        tunnel is over: it stops probing and hands nothing to its program.
+        """
+        if self.key is None or self.peer_gave_up:
+            return
+        if self.nominated_remote is not None:
+            targets = [self.nominated_remote]
+        else:
+            targets = [a for a, r in self.remotes.items() if r.answered or r.heard]
+        for address in targets[:ABANDON_TARGETS]:
+            for _ in range(ABANDON_COPIES):
+                data = wire.signed(
+                    Method.ABANDON,
+                    MessageClass.INDICATION,
+                    stun.new_transaction_id(),
+                    [(Attr.USERNAME, f"{self.id_hex}:{self.own_role}".encode("ascii"))],
+                    self.key,
+                )
+                self.send(data, address)
+
     def fail(self, code: str, message: str) -> None:
         self.stop_checks()
+        self.send_abandon()
         if self.intro_deferred is not None:
             d, self.intro_deferred = self.intro_deferred, None
             d.cancel()
@@ -877,6 +908,16 @@ def build_tunnel_machine_factory() -> Callable[[TunnelCore], TunnelMachine]:
             core.glue.cleanup()
             core.glue.fail("cancelled", "the tunnel was cancelled")
 
+        @state.upon(TunnelMachine.peerGaveUp).to(failed)
+        def abandoned(m: TunnelMachine, core: TunnelCore) -> None:
+            tunnel = core.glue
+            tunnel.cleanup()
+            tunnel.peer_gave_up = True
+            if tunnel.role == "initiator":
+                tunnel.fail("unreachable", f"{tunnel.explain()}; the peer gave up")
+            else:
+                tunnel.fail("cancelled", f"{tunnel.peer} gave up on the tunnel")
+
     ignored = {
         gathering: ["checkSucceeded", "confirmed", "nominated", "programSpoke", "graceIsOver"],
         introducing: ["checkSucceeded", "confirmed", "nominated", "programSpoke", "graceIsOver"],
@@ -905,6 +946,7 @@ def build_tunnel_machine_factory() -> Callable[[TunnelCore], TunnelMachine]:
         "lingerIsOver",
         "deadlineIsReached",
         "cancel",
+        "peerGaveUp",
     ]
     for state, names in ignored.items():
         for name in names:

@@ -82,6 +82,8 @@ class Datagram:
             return "data"
         if message.method == Method.CONFIRM:
             return "confirm"
+        if message.method == Method.ABANDON:
+            return "abandon"
         if message.cls == MessageClass.REQUEST:
             return "nominate" if message.has(Attr.USE_CANDIDATE) else "check"
         return "answer"
@@ -1154,3 +1156,42 @@ def wait_readable(sock: TunnelSocket) -> None:
     assert sock.sock is not None
     readable, _, _ = select.select([sock.sock], [], [], 1.0)
     assert readable
+
+
+def test_an_abandoned_tunnel_is_not_handed_to_the_responders_program(net: Net) -> None:
+    """
+    The initiator nominated, but the responder's answers never reach it, and
+    its program gives up: its ABANDON stops the responder, which would
+    otherwise hand its program a tunnel with nobody at the other end.
+    """
+
+    def fate(datagram: Datagram) -> list[float]:
+        nominated = any(d.kind() == "nominate" for d in net.sent_by("a"))
+        return [] if datagram.sender == "b" and nominated else [LATENCY]
+
+    net.fate = fate
+    pair = make_pair(net)
+    net.run(0.5)
+    assert pair.b.machine.describe() == "awaiting confirmation"
+    pair.a.result.cancel()
+    assert pair.failure("a").code == "cancelled"
+    assert [d.kind() for d in net.sent_by("a")][-2:] == ["abandon", "abandon"]
+    net.run(5.0)
+    assert pair.failure("b").code == "cancelled"
+    assert pair.eb.releases == []
+    assert net.reactor.getDelayedCalls() == [] and net.reactor.readers == set()
+
+
+def test_the_initiator_moves_on_when_the_responder_gives_up(net: Net) -> None:
+    """
+    A responder that fails tells the initiator, which stops probing at once
+    (as unreachable, so that a second round may follow) instead of waiting
+    for its own deadline.
+    """
+    pair = make_pair(net)
+    net.run(0.02)
+    assert pair.a.key is not None and pair.a.machine.describe() in ("checking", "nominating")
+    pair.b.machine.cancel()
+    net.run(0.1)
+    error = pair.failure("a")
+    assert error.code == "unreachable" and "the peer gave up" in error.message
