@@ -207,3 +207,21 @@ def test_tunnel_outlives_both_agents(tmp_path: Path) -> None:
             d.stop_agent("bob")
             d.stop_rendezvous()
             exchange(ours.socket, theirs.socket, 1000, tag=b"after")
+
+
+def test_a_stopped_agent_is_offline_at_once(tmp_path: Path) -> None:
+    with Deployment(tmp_path, keepalive=30.0) as d:
+        d.add_agent("alice")
+        d.add_agent("bob")
+        d.start_rendezvous()
+        d.start_agent("alice")
+        d.start_agent("bob")
+        path = d.agents["alice"].socket_path
+        assert [p["name"] for p in client.peers(socket_path=path)] == ["bob"]
+        d.stop_agent("bob")
+        # Long before bob's registration (lifetime 95 s) would have run out:
+        assert client.peers(socket_path=path) == []
+        with pytest.raises(client.TunnelError) as failure:
+            client.connect("bob", "chat", socket_path=path, timeout=5)
+        assert failure.value.code == "peer-offline"
+        assert "signed off" in d.rendezvous_log.read_text()

@@ -29,7 +29,7 @@ from punchd.agent.rendezvous_client import IncomingAnswer, RendezvousClient, Ren
 from punchd.agent.tunnel import Tunnel, new_tunnel_id
 from punchd.config import AgentConfig
 from punchd.keys import PublicKey, derive_rendezvous_key
-from punchd.retransmit import RequestTimedOut
+from punchd.retransmit import Backoff, RequestTimedOut
 from punchd.stun import Attr, MessageClass, Method
 from punchd.wire import Candidate, format_address
 
@@ -37,6 +37,7 @@ log = Logger()
 
 MAX_TUNNELS = 1024
 FIRST_ROUND = 1.5
+SIGN_OFF = Backoff(initial=0.3, maximum=0.3, attempts=2)
 MIN_SECOND_ROUND = 1.0
 
 FRIENDLY = {
@@ -88,16 +89,28 @@ class Agent:
         self._port = self.reactor.listenUDP(0, self.client, maxPacketSize=2048)
         self.registration.start()
 
-    def stop(self) -> Deferred[None] | None:
+    def stop(self) -> Deferred[None]:
+        """
+        Cancel every tunnel being set up, sign off at the rendezvous (briefly:
+        one try, so that a dead rendezvous does not hold up a shutdown), and
+        close the main socket.
+        """
+        registered = self.registration.describe() == "registered"
         self.registration.stop()
         self.client.cancel_all()
         for tunnel in list(self.tunnels.values()):
             tunnel.machine.cancel()
-        port, self._port = self._port, None
-        if port is not None:
-            result: Deferred[None] | None = port.stopListening()
-            return result
-        return None
+        signed_off: Deferred[object] = succeed(None)
+        if registered and self._port is not None:
+            signed_off = self.client.request(
+                Method.REGISTER, [(Attr.LIFETIME, stun.encode_u32(0))], SIGN_OFF
+            ).addErrback(lambda f: None)
+
+        def close(_: object) -> Deferred[None] | None:
+            port, self._port = self._port, None
+            return port.stopListening() if port is not None else None
+
+        return signed_off.addBoth(close)
 
     def _resolve(self) -> Deferred[tuple[str, int]]:
         host, port = self.settings.rendezvous

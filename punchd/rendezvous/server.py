@@ -320,6 +320,17 @@ class RendezvousProtocol(DatagramProtocol):
         lifetime = DEFAULT_LIFETIME
         if requested is not None and len(requested) == 4:
             lifetime = stun.decode_u32(requested)
+        if lifetime == 0:
+            # The agent is stopping: its peers should see it offline now,
+            # not when the registration would have run out.
+            if self.registry.lookup(name, now) is not None:
+                self.registry.remove(name)
+                self.counters["signed-off"] += 1
+                log.info("agent {peer} signed off", peer=name)
+            return [
+                (Attr.XOR_MAPPED_ADDRESS, stun.encode_xor_address(*source, message.transaction_id)),
+                (Attr.LIFETIME, stun.encode_u32(0)),
+            ]
         lifetime = max(MIN_LIFETIME, min(lifetime, self._max_lifetime))
         registration, moved = self.registry.register(name, entry.network, source, now, lifetime)
         if registration.registered_at == now and registration.replay.highest < 0:
