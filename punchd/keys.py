@@ -244,14 +244,19 @@ def derive_rendezvous_key(own: PrivateKey, other: PublicKey, agent_name: str) ->
     return _hkdf(own.exchange(other), b"", _RENDEZVOUS_INFO + agent_name.encode("utf-8"))
 
 
-def derive_tunnel_key(own: PrivateKey, peer: PublicKey, tunnel_id: bytes) -> bytes:
+def derive_tunnel_key(
+    own: PrivateKey, peer: PublicKey, tunnel_id: bytes, responder_nonce: bytes
+) -> bytes:
     """
     The 32-byte probe key for one tunnel between two agents.
 
-    Salting with the tunnel id gives every tunnel its own key, so probes of
-    one tunnel cannot be replayed into another.  The id must be the protocol's
-    16 bytes: an empty salt would silently give all tunnels the same key.
+    Salted with the initiator's tunnel id and a nonce the responder draws
+    for each introduction, so that every tunnel has its own key and a
+    replayed introduction cannot bring an old tunnel's probes back to life.
+    Both must be the protocol's 16 bytes: a short salt would let keys repeat.
     """
     if len(tunnel_id) != TUNNEL_ID_LENGTH:
         raise ValueError(f"tunnel id must be {TUNNEL_ID_LENGTH} bytes, got {len(tunnel_id)}")
-    return _hkdf(own.exchange(peer), tunnel_id, _TUNNEL_INFO)
+    if len(responder_nonce) != TUNNEL_ID_LENGTH:
+        raise ValueError(f"nonce must be {TUNNEL_ID_LENGTH} bytes, got {len(responder_nonce)}")
+    return _hkdf(own.exchange(peer), tunnel_id + responder_nonce, _TUNNEL_INFO)

@@ -74,8 +74,9 @@ class Pending(Generic[T]):
             return
         delay = self._delays[self.sent]
         self.sent += 1
-        self._send()
+        # Schedule first: a send that raises must not end the retransmissions.
         self._timer = self._clock.callLater(delay, self._transmit)
+        self._send()
 
     def _finish(self) -> None:
         if self._timer is not None and self._timer.active():

@@ -65,6 +65,7 @@ class Attr(enum.IntEnum):
     LIFETIME = 0x4D07
     MORE = 0x4D08
     WAIT = 0x4D09
+    TUNNEL_NONCE = 0x4D0A
 
 
 class CandidateKind(enum.IntEnum):

@@ -32,6 +32,7 @@ BOB_PRIVATE = bytes.fromhex("5dab087e624a8a4b79e17f8b83800ee66f3bb1292618b6fd1c2
 BOB_PUBLIC = bytes.fromhex("de9edb7d7b7dc1b4d35b61c2ece435373f8343c85b78674dadfc7e146f882b4f")
 SHARED = bytes.fromhex("4a5d9d5ba4ce2de1728e3bf480350f25e07e21c947d19e3376f09b3c1e161742")
 
+NONCE = bytes(range(100, 116))
 TUNNEL_ID = bytes(range(16))
 
 
@@ -312,40 +313,43 @@ def test_rendezvous_key_known_answer() -> None:
 
 def test_tunnel_key_same_at_both_ends() -> None:
     alice, bob = PrivateKey.generate(), PrivateKey.generate()
-    at_alice = derive_tunnel_key(alice, bob.public_key(), TUNNEL_ID)
-    assert at_alice == derive_tunnel_key(bob, alice.public_key(), TUNNEL_ID)
+    at_alice = derive_tunnel_key(alice, bob.public_key(), TUNNEL_ID, NONCE)
+    assert at_alice == derive_tunnel_key(bob, alice.public_key(), TUNNEL_ID, NONCE)
     assert len(at_alice) == 32
 
 
-def test_tunnel_key_differs_per_tunnel() -> None:
+def test_tunnel_key_differs_per_tunnel_and_per_introduction() -> None:
     alice, bob = PrivateKey.generate(), PrivateKey.generate()
-    other_id = bytes(15) + b"\x01"
-    assert derive_tunnel_key(alice, bob.public_key(), TUNNEL_ID) != derive_tunnel_key(
-        alice, bob.public_key(), other_id
-    )
+    other = bytes(15) + b"\x01"
+    key = derive_tunnel_key(alice, bob.public_key(), TUNNEL_ID, NONCE)
+    assert key != derive_tunnel_key(alice, bob.public_key(), other, NONCE)
+    # A replayed introduction (same tunnel id) gets a fresh responder nonce.
+    assert key != derive_tunnel_key(alice, bob.public_key(), TUNNEL_ID, other)
 
 
 def test_tunnel_key_differs_from_rendezvous_key() -> None:
     alice, bob = PrivateKey.generate(), PrivateKey.generate()
-    assert derive_tunnel_key(alice, bob.public_key(), TUNNEL_ID) != derive_rendezvous_key(
+    assert derive_tunnel_key(alice, bob.public_key(), TUNNEL_ID, NONCE) != derive_rendezvous_key(
         alice, bob.public_key(), ""
     )
 
 
 def test_tunnel_key_known_answer() -> None:
     alice, bob = PrivateKey(ALICE_PRIVATE), PrivateKey(BOB_PRIVATE)
-    expected = rfc5869_hkdf_sha256(SHARED, TUNNEL_ID, b"punchd v1 tunnel", 32)
-    assert derive_tunnel_key(bob, alice.public_key(), TUNNEL_ID) == expected
+    expected = rfc5869_hkdf_sha256(SHARED, TUNNEL_ID + NONCE, b"punchd v1 tunnel", 32)
+    assert derive_tunnel_key(bob, alice.public_key(), TUNNEL_ID, NONCE) == expected
 
 
 @pytest.mark.parametrize("length", [0, 15, 17, 32])
-def test_tunnel_id_length_checked(length: int) -> None:
+def test_tunnel_id_and_nonce_lengths_checked(length: int) -> None:
     """
-    An empty salt would give every tunnel between two agents the same key.
+    A short salt would let two tunnels between two agents share a key.
     """
     alice, bob = PrivateKey.generate(), PrivateKey.generate()
     with pytest.raises(ValueError, match="16 bytes"):
-        derive_tunnel_key(alice, bob.public_key(), bytes(length))
+        derive_tunnel_key(alice, bob.public_key(), bytes(length), NONCE)
+    with pytest.raises(ValueError, match="16 bytes"):
+        derive_tunnel_key(alice, bob.public_key(), TUNNEL_ID, bytes(length))
 
 
 def test_derivations_reject_low_order_peer() -> None:
@@ -353,4 +357,4 @@ def test_derivations_reject_low_order_peer() -> None:
     with pytest.raises(ValueError, match="low-order"):
         derive_rendezvous_key(key, PublicKey(bytes(32)), "alice")
     with pytest.raises(ValueError, match="low-order"):
-        derive_tunnel_key(key, PublicKey(bytes(32)), TUNNEL_ID)
+        derive_tunnel_key(key, PublicKey(bytes(32)), TUNNEL_ID, NONCE)

@@ -26,7 +26,7 @@ from punchd.agent.registration import (
     build_registration_machine,
 )
 from punchd.agent.rendezvous_client import IncomingAnswer, RendezvousClient, RendezvousError
-from punchd.agent.tunnel import Tunnel, new_tunnel_id
+from punchd.agent.tunnel import Introduced, Tunnel, new_tunnel_id
 from punchd.config import AgentConfig
 from punchd.keys import PublicKey, derive_rendezvous_key
 from punchd.retransmit import Backoff, RequestTimedOut
@@ -269,7 +269,7 @@ class Agent:
     ) -> Deferred[HandOff]:
         tunnel_id = new_tunnel_id()
 
-        def introduce(candidates: list[Candidate]) -> Deferred[tuple[list[Candidate], PublicKey]]:
+        def introduce(candidates: list[Candidate]) -> Deferred[Introduced]:
             def attributes(transaction_id: bytes) -> list[tuple[int, bytes]]:
                 return [
                     (Attr.PEER, peer.encode("ascii")),
@@ -296,10 +296,13 @@ class Agent:
         )
         return tunnel.result
 
-    def _introduced(self, message: stun.Message, peer: str) -> tuple[list[Candidate], PublicKey]:
+    def _introduced(self, message: stun.Message, peer: str) -> Introduced:
         raw = message.get(Attr.PUBLIC_KEY)
+        nonce = message.get(Attr.TUNNEL_NONCE)
         if raw is None or len(raw) != 32:
             raise TunnelFailed("internal", "the rendezvous sent no usable key for the peer")
+        if nonce is None or len(nonce) != wire.TUNNEL_ID_LENGTH:
+            raise TunnelFailed("internal", "the peer's answer carried no tunnel nonce")
         key = PublicKey(raw)
         pinned = self.settings.pinned_peers.get(peer)
         if pinned is not None and pinned != key:
@@ -312,7 +315,7 @@ class Agent:
             candidates = wire.decode_candidates(message)
         except wire.ProtocolError as e:
             raise TunnelFailed("internal", f"bad candidates from the rendezvous: {e}") from None
-        return candidates, key
+        return candidates, key, nonce
 
     def _tunnel(self, **kwargs: Any) -> Tunnel:
         tunnel = Tunnel(
@@ -391,7 +394,13 @@ class Agent:
         tunnel.result.addCallbacks(self._deliver(service), lambda f: None)
 
         def accept(ours: list[Candidate]) -> IncomingAnswer:
-            return (MessageClass.SUCCESS, wire.encode_candidates(ours, message.transaction_id))
+            return (
+                MessageClass.SUCCESS,
+                [
+                    (Attr.TUNNEL_NONCE, tunnel.nonce),
+                    *wire.encode_candidates(ours, message.transaction_id),
+                ],
+            )
 
         def gave_up(failure: Failure) -> IncomingAnswer:
             return (MessageClass.ERROR, wire.error_attributes(486))

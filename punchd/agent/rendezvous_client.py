@@ -105,8 +105,9 @@ class RendezvousClient(DatagramProtocol):
             (Attr.USERNAME, self.name.encode("ascii")),
             (Attr.SEQUENCE, stun.encode_u64(self._sequence)),
         ]
-        if self._nonce is not None:
-            header.append((Attr.NONCE, self._nonce))
+        # Always a NONCE, even a blank one before the server has issued any:
+        # the server's 438 answer is never larger than the request it answers.
+        header.append((Attr.NONCE, self._nonce if self._nonce is not None else bytes(20)))
         body = list(attributes(transaction_id) if callable(attributes) else attributes)
         data = wire.signed(method, MessageClass.REQUEST, transaction_id, header + body, self._key)
         d = self._transactions.start(transaction_id, lambda: self._send(data), backoff)

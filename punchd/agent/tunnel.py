@@ -50,6 +50,9 @@ ABANDON_TARGETS = 8
 EARLY_BUFFER = 16
 
 Address = tuple[str, int]
+#: What an introduction yields the initiator: the peer's candidates, its
+#: public key, and the responder's nonce for the tunnel key.
+Introduced = tuple[list[Candidate], PublicKey, bytes]
 
 
 class TunnelMachine(Protocol):
@@ -60,7 +63,7 @@ class TunnelMachine(Protocol):
     def gathered(self, srflx: Candidate | None) -> None:
         "Our candidates are known."
 
-    def introduced(self, remote: list[Candidate], peer_key: PublicKey) -> None:
+    def introduced(self, remote: list[Candidate], peer_key: PublicKey, nonce: bytes) -> None:
         "The peer accepted; here are its candidates and key (initiator)."
 
     def refused(self, code: str, message: str) -> None:
@@ -167,8 +170,7 @@ class Tunnel:
         timeout: float,
         host_addresses: list[str],
         progress: Callable[[dict[str, Any]], None] = lambda event: None,
-        introduce: Callable[[list[Candidate]], Deferred[tuple[list[Candidate], PublicKey]]]
-        | None = None,
+        introduce: Callable[[list[Candidate]], Deferred[Introduced]] | None = None,
         peer_key: PublicKey | None = None,
         remote_candidates: list[Candidate] | None = None,
         wait_for_peer: bool = False,
@@ -209,18 +211,22 @@ class Tunnel:
         self.key: bytes | None = None
         self.early: list[tuple[bytes, Address]] = []
         self.confirmations: set[bytes] = set()
+        self.gather_id: bytes | None = None
+        self.check_targets: dict[bytes, Address] = {}
         self.peer_gave_up = False
         self.rtt_samples: list[float] = []
         self.nominated_at: float | None = None
         self.pacer: LoopingCall | None = None
         self.grace_timer: IDelayedCall | None = None
         self.nominated_remote: Address | None = None
-        self.intro_deferred: Deferred[tuple[list[Candidate], PublicKey]] | None = None
+        self.intro_deferred: Deferred[Introduced] | None = None
         self.refusal: tuple[str, str] | None = None
         self.core = TunnelCore(self)
         self.machine: TunnelMachine = build_tunnel_machine(self.core)
+        # The responder's half of the tunnel key's salt, fresh per introduction.
+        self.nonce = os.urandom(wire.TUNNEL_ID_LENGTH) if role == "responder" else b""
         if peer_key is not None:
-            self.set_peer_key(peer_key)
+            self.set_peer_key(peer_key, self.nonce)
         for candidate in remote_candidates or []:
             self.add_remote(candidate)
         for each in self.sockets():
@@ -273,8 +279,8 @@ class Tunnel:
     def own_role(self) -> str:
         return "a" if self.role == "initiator" else "b"
 
-    def set_peer_key(self, peer_key: PublicKey) -> None:
-        self.key = derive_tunnel_key(self.own_key, peer_key, self.tunnel_id)
+    def set_peer_key(self, peer_key: PublicKey, nonce: bytes) -> None:
+        self.key = derive_tunnel_key(self.own_key, peer_key, self.tunnel_id, nonce)
         early, self.early = self.early, []
         for data, source in early:
             self._datagram(data, source)
@@ -287,6 +293,7 @@ class Tunnel:
             return
         transaction_id = stun.new_transaction_id()
         self.our_ids.add(transaction_id)
+        self.gather_id = transaction_id
         request = stun.build(Method.BINDING, MessageClass.REQUEST, transaction_id, fingerprint=True)
         rendezvous = self.rendezvous
         sent_at = [self.clock.seconds()]
@@ -421,6 +428,8 @@ class Tunnel:
         self, address: Address, remote: RemoteState, nominate: bool
     ) -> Deferred[tuple[stun.Message, Address]]:
         transaction_id, data = self._check_request(nominate)
+        # Only an answer from where the check went counts (as in ICE).
+        self.check_targets[transaction_id] = address
         remote.in_progress = True
         remote.transaction_id = transaction_id
 
@@ -538,17 +547,21 @@ class Tunnel:
         except stun.StunError:
             return
         if message.cls in (MessageClass.SUCCESS, MessageClass.ERROR):
-            if message.transaction_id not in self.transactions:
+            transaction_id = message.transaction_id
+            if transaction_id not in self.transactions:
+                return
+            if transaction_id == self.gather_id:
+                # The one unsigned exchange: plain STUN with the rendezvous.
+                if message.method == Method.BINDING and source == self.rendezvous:
+                    self.transactions.answer(transaction_id, (message, source))
                 return
             if (
-                message.method == Method.BINDING
-                and source == self.rendezvous
-                and (not message.has(Attr.MESSAGE_INTEGRITY_SHA256))
+                message.cls == MessageClass.SUCCESS
+                and self.check_targets.get(transaction_id) == source
+                and self.key is not None
+                and stun.verify_integrity_sha256(message, self.key)
             ):
-                self.transactions.answer(message.transaction_id, (message, source))
-            elif self.key is not None and stun.verify_integrity_sha256(message, self.key):
-                if message.cls == MessageClass.SUCCESS:
-                    self.transactions.answer(message.transaction_id, (message, source))
+                self.transactions.answer(transaction_id, (message, source))
             return
         if self.key is None:
             if len(self.early) < EARLY_BUFFER:
@@ -740,7 +753,7 @@ class Tunnel:
         d = self._introduce(candidates)
         self.intro_deferred = d
 
-        def ok(result: tuple[list[Candidate], PublicKey]) -> None:
+        def ok(result: Introduced) -> None:
             self.intro_deferred = None
             self.machine.introduced(*result)
 
@@ -793,17 +806,21 @@ def build_tunnel_machine_factory() -> Callable[[TunnelCore], TunnelMachine]:
                 # mapping (design.md §6) and even if we lose the CPU now.
                 tunnel.start_checks()
             tunnel.gathered_result.callback(tunnel.candidates())
-            m.introduced([], tunnel.own_key.public_key())
+            m.introduced([], tunnel.own_key.public_key(), tunnel.nonce)
 
     @introducing.upon(TunnelMachine.introduced).to(checking)
     def start_checking(
-        m: TunnelMachine, core: TunnelCore, remote: list[Candidate], peer_key: PublicKey
+        m: TunnelMachine,
+        core: TunnelCore,
+        remote: list[Candidate],
+        peer_key: PublicKey,
+        nonce: bytes,
     ) -> None:
         tunnel = core.glue
         if tunnel.role == "initiator":
             for candidate in remote:
                 tunnel.add_remote(candidate)
-            tunnel.set_peer_key(peer_key)
+            tunnel.set_peer_key(peer_key, nonce)
             tunnel.progress({"event": "introduced", "candidates": [str(c) for c in remote]})
         tunnel.progress({"event": "probing", "pairs": len(tunnel.remotes)})
         if tunnel.check_budget is not None:

@@ -8,7 +8,7 @@ authenticated agents ever get a record.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from zope.interface import Attribute, Interface, implementer
 
@@ -58,7 +58,6 @@ class Registration:
     address: tuple[str, int]
     expires: float
     registered_at: float
-    replay: ReplayWindow = field(default_factory=ReplayWindow)
 
 
 class IRegistry(Interface):

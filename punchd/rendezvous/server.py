@@ -14,7 +14,7 @@ import hmac
 import os
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import DatagramProtocol
@@ -25,7 +25,7 @@ from punchd import stun, wire
 from punchd.config import PeerEntry
 from punchd.keys import PrivateKey, derive_rendezvous_key
 from punchd.rendezvous.limits import Counters, SourceLimiter
-from punchd.rendezvous.registry import IRegistry
+from punchd.rendezvous.registry import IRegistry, ReplayWindow
 from punchd.retransmit import Backoff, RequestTimedOut, Transactions
 from punchd.stun import Attr, MessageClass, Method
 
@@ -38,7 +38,7 @@ RECENT_ANSWER_SECONDS = 30.0
 PEERS_REPLY_BUDGET = 1100
 MIN_LIFETIME = 10
 DEFAULT_LIFETIME = 60
-INCOMING_BACKOFF = Backoff(initial=0.25, maximum=1.0, attempts=9)
+INCOMING_BACKOFF = Backoff(initial=0.25, maximum=1.0, attempts=8)
 NOT_REGISTERED = 470
 
 
@@ -115,7 +115,7 @@ class Introduction:
     connect_id: bytes
     target: str
     incoming_id: bytes
-    key: bytes
+    key: bytes = field(repr=False)
 
 
 class RendezvousProtocol(DatagramProtocol):
@@ -148,6 +148,7 @@ class RendezvousProtocol(DatagramProtocol):
         self._recent: dict[str, OrderedDict[bytes, tuple[float, tuple[str, int], bytes]]] = {}
         self._introductions: dict[bytes, Introduction] = {}
         self._connecting: set[tuple[str, bytes]] = set()
+        self._replay: dict[str, ReplayWindow] = {}
         self._pending_by_agent: dict[str, int] = {}
         self._outgoing: Transactions[stun.Message] = Transactions(clock)
 
@@ -195,8 +196,14 @@ class RendezvousProtocol(DatagramProtocol):
         self._send(response, source)
 
     def _send(self, data: bytes, address: tuple[str, int]) -> None:
-        if self.transport is not None:
+        if self.transport is None:
+            return
+        try:
             self.transport.write(data, address)
+        except OSError as e:
+            # A full send buffer or conntrack table: UDP may drop, and the
+            # sender retransmits; nothing here may be left half done.
+            self.counters[f"send-error-{e.errno}"] += 1
 
     # -- authenticated agent requests ------------------------------------
 
@@ -229,6 +236,21 @@ class RendezvousProtocol(DatagramProtocol):
             self._send(data, source)
             return data
 
+        if not self._nonces.valid(message.get(Attr.NONCE), source):
+            # Anyone may replay a captured request from any address: the
+            # answer is rate-limited and never larger than what came in.
+            self.counters["stale-nonce"] += 1
+            if self._error_limiter.allow(source[0]):
+                stale = wire.signed(
+                    message.method,
+                    MessageClass.ERROR,
+                    message.transaction_id,
+                    [*wire.error_attributes(438), (Attr.NONCE, self._nonces.issue(source))],
+                    key,
+                )
+                if len(stale) <= size:
+                    self._send(stale, source)
+            return
         unknown = message.unknown_required(wire.KNOWN_ATTRIBUTES)
         if unknown:
             self.counters["unknown-attribute"] += 1
@@ -238,13 +260,6 @@ class RendezvousProtocol(DatagramProtocol):
                     *wire.error_attributes(420),
                     (Attr.UNKNOWN_ATTRIBUTES, stun.encode_unknown_attributes(unknown)),
                 ],
-            )
-            return
-        if not self._nonces.valid(message.get(Attr.NONCE), source):
-            self.counters["stale-nonce"] += 1
-            reply(
-                MessageClass.ERROR,
-                [*wire.error_attributes(438), (Attr.NONCE, self._nonces.issue(source))],
             )
             return
         now = self.clock.seconds()
@@ -267,14 +282,16 @@ class RendezvousProtocol(DatagramProtocol):
         sequence = stun.decode_u64(sequence_value)
         entry = self.directory.entry(name)
         assert entry is not None
-        registration = self.registry.lookup(name, now)
-        if registration is not None and not registration.replay.accept(sequence):
+        # One window per peer for the life of the process, not per
+        # registration: a lapse must not reopen old sequence numbers.
+        if not self._replay.setdefault(name, ReplayWindow()).accept(sequence):
             self.counters["dropped-replay"] += 1
             return
+        registration = self.registry.lookup(name, now)
 
         try:
             if message.method == Method.REGISTER:
-                answer = self._register(name, entry, message, source, sequence, now)
+                answer = self._register(name, entry, message, source, registration is None, now)
                 self._remember(name, message, source, reply(MessageClass.SUCCESS, answer))
             elif registration is None:
                 self._remember(
@@ -313,7 +330,7 @@ class RendezvousProtocol(DatagramProtocol):
         entry: PeerEntry,
         message: stun.Message,
         source: tuple[str, int],
-        sequence: int,
+        new: bool,
         now: float,
     ) -> list[tuple[int, bytes]]:
         requested = message.get(Attr.LIFETIME)
@@ -332,9 +349,8 @@ class RendezvousProtocol(DatagramProtocol):
                 (Attr.LIFETIME, stun.encode_u32(0)),
             ]
         lifetime = max(MIN_LIFETIME, min(lifetime, self._max_lifetime))
-        registration, moved = self.registry.register(name, entry.network, source, now, lifetime)
-        if registration.registered_at == now and registration.replay.highest < 0:
-            registration.replay.accept(sequence)
+        _, moved = self.registry.register(name, entry.network, source, now, lifetime)
+        if new:
             self.counters["registered"] += 1
             log.info(
                 "agent {peer} registered from {address} (network {network})",
@@ -483,8 +499,11 @@ class RendezvousProtocol(DatagramProtocol):
             self.counters["introduction-refused"] += 1
             self._finish(introduction, MessageClass.ERROR, wire.error_attributes(code, reason))
             return
+        nonce = answer.get(Attr.TUNNEL_NONCE)
         try:
             candidates = wire.decode_candidates(answer)
+            if nonce is None or len(nonce) != wire.TUNNEL_ID_LENGTH:
+                raise wire.ProtocolError(400, "missing tunnel nonce")
         except wire.ProtocolError:
             self.counters["introduction-bad-answer"] += 1
             self._finish(introduction, MessageClass.ERROR, wire.error_attributes(403, "Rejected"))
@@ -499,6 +518,7 @@ class RendezvousProtocol(DatagramProtocol):
             MessageClass.SUCCESS,
             [
                 (Attr.PUBLIC_KEY, target_entry.public_key.raw),
+                (Attr.TUNNEL_NONCE, nonce),
                 *wire.encode_candidates(candidates, introduction.connect_id),
             ],
         )
@@ -541,6 +561,8 @@ class RendezvousProtocol(DatagramProtocol):
                     log.info("agent {peer} dropped: peers file changed", peer=name)
                 self.registry.remove(name)
                 self._recent.pop(name, None)
+            if after is None:
+                self._replay.pop(name, None)
         log.info("peers file reloaded: {count} peers", count=len(directory.names()))
 
     def stop(self) -> None:

@@ -27,9 +27,9 @@ from twisted.python.failure import Failure
 from punchd import stun, wire
 from punchd.agent import tunnel as tunnel_module
 from punchd.agent.api import HandOff, TunnelFailed
-from punchd.agent.tunnel import GATHER_BACKOFF, QUIET, Tunnel, new_tunnel_id
+from punchd.agent.tunnel import GATHER_BACKOFF, QUIET, Introduced, Tunnel, new_tunnel_id
 from punchd.agent.tunnel_socket import TunnelSocket
-from punchd.keys import PrivateKey, PublicKey, derive_tunnel_key
+from punchd.keys import PrivateKey, derive_tunnel_key
 from punchd.retransmit import RequestTimedOut
 from punchd.stun import Attr, MessageClass, Method
 from punchd.wire import Candidate, CandidateKind
@@ -328,12 +328,12 @@ class Intro:
 
     def __init__(self) -> None:
         self.candidates: list[Candidate] | None = None
-        self.deferred: Deferred[tuple[list[Candidate], PublicKey]] | None = None
+        self.deferred: Deferred[Introduced] | None = None
         self.cancelled = False
         self.forward: Callable[[list[Candidate]], None] = lambda candidates: None
 
-    def __call__(self, candidates: list[Candidate]) -> Deferred[tuple[list[Candidate], PublicKey]]:
-        def cancel(d: Deferred[tuple[list[Candidate], PublicKey]]) -> None:
+    def __call__(self, candidates: list[Candidate]) -> Deferred[Introduced]:
+        def cancel(d: Deferred[Introduced]) -> None:
             self.cancelled = True
 
         self.candidates = candidates
@@ -431,7 +431,7 @@ def make_pair(
     def answer(candidates: list[Candidate]) -> None:
         assert pair.intro.deferred is not None
         if intro_delay is not None:
-            reply = (candidates, pair.b_key.public_key())
+            reply = (candidates, pair.b_key.public_key(), pair.b.nonce)
             net.reactor.callLater(intro_delay, pair.intro.deferred.callback, reply)
 
     pair.intro.forward = introduced
@@ -790,7 +790,7 @@ def test_only_an_authentic_confirm_from_the_nominated_address_confirms(net: Net)
     drop_confirms(net)
     pair = make_pair(net)
     net.run(0.5)
-    key = derive_tunnel_key(pair.a_key, pair.b_key.public_key(), pair.tunnel_id)
+    key = derive_tunnel_key(pair.a_key, pair.b_key.public_key(), pair.tunnel_id, pair.b.nonce)
     elsewhere = ("198.51.100.99", 4444)
     pair.eb.arrive(confirm(pair, key), elsewhere)
     pair.eb.arrive(confirm(pair, bytes(32)), elsewhere)
@@ -975,13 +975,15 @@ def check_from(pair: Pair, *, key: bytes | None, username: bytes | None) -> byte
 )
 def test_checks_must_authenticate(net: Net, case: str) -> None:
     pair = make_pair(net, intro_delay=None)
-    key = derive_tunnel_key(pair.a_key, pair.b_key.public_key(), pair.a.tunnel_id)
+    key = derive_tunnel_key(pair.a_key, pair.b_key.public_key(), pair.a.tunnel_id, pair.b.nonce)
     username = f"{pair.a.id_hex}:a".encode()
     data = {
         "valid": lambda: check_from(pair, key=key, username=username),
         "bad integrity": lambda: check_from(
             pair,
-            key=derive_tunnel_key(PrivateKey.generate(), pair.b_key.public_key(), pair.a.tunnel_id),
+            key=derive_tunnel_key(
+                PrivateKey.generate(), pair.b_key.public_key(), pair.a.tunnel_id, pair.b.nonce
+            ),
             username=username,
         ),
         "unsigned": lambda: check_from(pair, key=None, username=username),
@@ -1195,3 +1197,65 @@ def test_the_initiator_moves_on_when_the_responder_gives_up(net: Net) -> None:
     net.run(0.1)
     error = pair.failure("a")
     assert error.code == "unreachable" and "the peer gave up" in error.message
+
+
+def test_an_unsigned_answer_from_the_rendezvous_address_answers_no_check(net: Net) -> None:
+    """
+    Only the gathering request is plain STUN; a check's answer needs the
+    tunnel key and must come from where the check went, whatever its source
+    claims to be (here: the rendezvous' address, spoofed).
+    """
+    net.stun_server(RENDEZVOUS)
+    net.fate = lambda d: [] if d.sender == "b" and d.dst != RENDEZVOUS else [LATENCY]
+    pair = make_pair(
+        net,
+        a={"rendezvous": RENDEZVOUS},
+        b={"public": ("198.51.100.20", 50000), "rendezvous": RENDEZVOUS},
+    )
+    net.run(0.2)
+    checks = [d for d in net.sent_by("a") if d.kind() == "check"]
+    assert checks
+    for check in checks:
+        message = check.message()
+        assert message is not None
+        forged = stun.build(
+            Method.BINDING,
+            MessageClass.SUCCESS,
+            message.transaction_id,
+            [(Attr.XOR_MAPPED_ADDRESS, stun.encode_xor_address(A_HOST, 1, message.transaction_id))],
+            fingerprint=True,
+        )
+        pair.ea.arrive(forged, RENDEZVOUS)
+    assert not any(r.answered for r in pair.a.remotes.values())
+    assert pair.a.machine.describe() == "checking"
+
+
+def test_a_replayed_introduction_gets_a_fresh_tunnel_key(net: Net) -> None:
+    """
+    The responder draws a nonce per introduction: a replayed Incoming (same
+    tunnel id, same initiator) cannot bring the old tunnel's checks and
+    nomination back to life.
+    """
+    pair = make_pair(net)
+    net.run(1.0)
+    old = next(d for d in net.sent_by("a") if d.kind() == "nominate")
+    replayed = net.make(
+        "c",
+        "192.0.2.30",
+        role="responder",
+        peer="alice",
+        service="chat",
+        tunnel_id=pair.tunnel_id,
+        own_key=pair.b_key,
+        peer_key=pair.a_key.public_key(),
+        remote_candidates=[],
+    )
+    results = outcome(replayed.result)
+    assert replayed.key is not None and replayed.key != pair.b.key
+    attacker = ("198.51.100.66", 6666)
+    replayed.socket.endpoint.arrive(old.data, attacker)  # type: ignore[attr-defined]
+    net.run(0.5)
+    assert attacker not in replayed.remotes
+    assert replayed.machine.describe() != "awaiting confirmation"
+    replayed.machine.cancel()
+    assert isinstance(results[0], Failure)
