@@ -203,6 +203,12 @@ def load_private_key(path: str | os.PathLike[str]) -> PrivateKey:
                 f"{name}: private key file is {_describe_access(mode)} (mode {mode:04o});"
                 f" run chmod 600 {name}"
             )
+        if st.st_uid not in (os.geteuid(), 0):
+            # As ssh does: a key someone else owns could be swapped under us.
+            raise KeyFileError(
+                f"{name}: private key file belongs to uid {st.st_uid}, not to this user;"
+                f" run chown {os.geteuid()} {name}"
+            )
         data = os.read(fd, _MAX_KEY_FILE + 1)
     except OSError as e:
         raise KeyFileError(f"{name}: cannot read key file: {e.strerror}") from None

@@ -225,3 +225,16 @@ def test_a_stopped_agent_is_offline_at_once(tmp_path: Path) -> None:
             client.connect("bob", "chat", socket_path=path, timeout=5)
         assert failure.value.code == "peer-offline"
         assert "signed off" in d.rendezvous_log.read_text()
+
+
+def test_a_rendezvous_on_ipv6(tmp_path: Path) -> None:
+    with Deployment(tmp_path, rendezvous_host="::1") as d:
+        d.add_agent("alice")
+        d.add_agent("bob")
+        d.start_rendezvous()
+        d.start_agent("alice")
+        d.start_agent("bob")
+        assert d.status("alice")["mapped"].startswith("[::1]:")
+        ours, theirs = open_pair(d)
+        with ours, theirs:
+            exchange(ours.socket, theirs.socket, 10)

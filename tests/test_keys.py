@@ -358,3 +358,15 @@ def test_derivations_reject_low_order_peer() -> None:
         derive_rendezvous_key(key, PublicKey(bytes(32)), "alice")
     with pytest.raises(ValueError, match="low-order"):
         derive_tunnel_key(key, PublicKey(bytes(32)), TUNNEL_ID, NONCE)
+
+
+def test_a_key_owned_by_someone_else_is_refused(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give the file away")
+    path = tmp_path / "k.key"
+    write_private_key(path, PrivateKey.generate())
+    os.chown(path, 65534, 65534)
+    with pytest.raises(KeyFileError, match="belongs to uid 65534"):
+        load_private_key(path)
+    os.chown(path, 0, 0)
+    load_private_key(path)

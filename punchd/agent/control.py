@@ -209,8 +209,8 @@ def _timeout(request: dict[str, Any], default: float) -> float:
     if (
         isinstance(value, bool)
         or not isinstance(value, int | float)
+        or not 0 < value <= MAX_TIMEOUT  # before isfinite: a huge int would overflow it
         or not math.isfinite(value)
-        or not 0 < value <= MAX_TIMEOUT
     ):
         raise BadRequest(
             f"timeout must be a number of seconds, more than 0 and at most {MAX_TIMEOUT:g}"
@@ -503,7 +503,12 @@ def clear_stale_socket(path: str) -> None:
     try:
         probe.connect(path)
     except ConnectionRefusedError:
-        os.unlink(path)
+        try:
+            os.unlink(path)
+        except OSError as e:
+            raise ControlSocketError(
+                f"cannot remove the stale control socket {path}: {e.strerror}"
+            ) from e
         log.info("removed stale control socket {path}", path=path)
         return
     except FileNotFoundError:

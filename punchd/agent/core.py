@@ -36,6 +36,7 @@ from punchd.wire import Candidate, format_address
 log = Logger()
 
 MAX_TUNNELS = 1024
+MAX_TUNNELS_PER_PEER = 512
 FIRST_ROUND = 1.5
 SIGN_OFF = Backoff(initial=0.3, maximum=0.3, attempts=2)
 MIN_SECOND_ROUND = 1.0
@@ -86,7 +87,10 @@ class Agent:
     # -- life cycle -------------------------------------------------------
 
     def start(self) -> None:
-        self._port = self.reactor.listenUDP(0, self.client, maxPacketSize=2048)
+        # The main socket speaks the rendezvous' address family (a name is
+        # resolved to IPv4).
+        interface = "::" if ":" in self.settings.rendezvous[0] else ""
+        self._port = self.reactor.listenUDP(0, self.client, interface=interface, maxPacketSize=2048)
         self.registration.start()
 
     def stop(self) -> Deferred[None]:
@@ -381,6 +385,8 @@ class Agent:
             return refuse(403, "duplicate tunnel id")
         if len(self.tunnels) >= MAX_TUNNELS:
             return refuse(486, "too many tunnels being set up")
+        if sum(t.peer == peer for t in self.tunnels.values()) >= MAX_TUNNELS_PER_PEER:
+            return refuse(486, "too many tunnels from this peer being set up")
         tunnel = self._tunnel(
             role="responder",
             peer=peer,

@@ -168,7 +168,9 @@ def build_registration() -> Callable[[RegistrationCore], Registration]:
         core.registered_at = core.clock.seconds()
         core.failures = 0
         core.last_error = None
-        core.timer = core.clock.callLater(core.keepalive, machine.keepaliveIsDue)
+        # Refresh well within what the server granted, whatever was asked.
+        refresh = min(core.keepalive, lifetime / 3) if lifetime > 0 else core.keepalive
+        core.timer = core.clock.callLater(refresh, machine.keepaliveIsDue)
         core.wake_waiters()
 
     @registering.upon(Registration.fail).to(waiting)

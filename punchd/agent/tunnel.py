@@ -40,11 +40,12 @@ GRACE = 0.05
 GRACE_MIN = 0.005
 WAIT_LIMIT = 1.0
 LINGER_MIN = 0.005
-LINGER_MAX = 0.1
+LINGER_MAX = 0.5
 WAIT_MIN = 0.02
 TRIGGER_GAP = 0.01
 QUIET = 1.5
 CONFIRM_COPIES = 3
+MAX_PEER_REFLEXIVE = 8
 ABANDON_COPIES = 2
 ABANDON_TARGETS = 8
 EARLY_BUFFER = 16
@@ -441,7 +442,7 @@ class Tunnel:
             self.send(data, address)
 
         d = self.transactions.start(
-            transaction_id, send, NOMINATE_BACKOFF if nominate else CHECK_BACKOFF
+            transaction_id, send, self.nominate_backoff(remote) if nominate else CHECK_BACKOFF
         )
 
         def answered(answer: tuple[stun.Message, Address]) -> tuple[stun.Message, Address]:
@@ -466,6 +467,16 @@ class Tunnel:
         if not nominate:
             d.addCallbacks(lambda _: self.machine.checkSucceeded(address), lambda f: None)
         return d
+
+    def nominate_backoff(self, remote: RemoteState) -> Backoff:
+        """
+        Retransmit the nomination no sooner than the path can answer: an
+        early resend on a slow path only earns a second answer that could
+        arrive after the hand-off.
+        """
+        rtt = remote.rtt or 0.0
+        initial = min(1.0, max(NOMINATE_BACKOFF.initial, 2 * rtt))
+        return Backoff(initial, max(NOMINATE_BACKOFF.maximum, initial), NOMINATE_BACKOFF.attempts)
 
     def nominate(self, address: Address) -> None:
         self.stop_checks()
@@ -586,6 +597,12 @@ class Tunnel:
         assert self.key is not None
         remote = self.remotes.get(source)
         if remote is None:
+            learned = sum(r.candidate.kind == CandidateKind.PRFLX for r in self.remotes.values())
+            if learned >= MAX_PEER_REFLEXIVE:
+                # A peer behind NATs shows up from a few addresses, not dozens:
+                # a replayed check from everywhere must not make us check
+                # (and answer) everywhere.
+                return
             remote = self.add_remote(Candidate(CandidateKind.PRFLX, *source))
             log.debug(
                 "tunnel {id}: learned peer-reflexive {address}",
@@ -642,7 +659,11 @@ class Tunnel:
         remote = self.remotes[address]
         self.stop_checks()
         chosen = self._socket_for(address[0])
-        sock = chosen.release(address, self.ours)
+        try:
+            sock = chosen.release(address, self.ours)
+        except OSError as e:
+            self.fail("internal", f"the tunnel socket could not be handed off: {e.strerror}")
+            return
         for other in self.sockets():
             if other is not chosen:
                 other.close()
@@ -853,7 +874,6 @@ def build_tunnel_machine_factory() -> Callable[[TunnelCore], TunnelMachine]:
         tunnel = core.glue
         answered = [a for a, r in tunnel.remotes.items() if r.answered]
         best = max(answered, key=lambda a: tunnel.remotes[a].priority)
-        tunnel.grace_timer = None
         tunnel.nominate(core.chosen or best)
 
     @nominating.upon(TunnelMachine.nominationAnswered).to(lingering)

@@ -19,6 +19,7 @@ from typing import Any
 
 from punchd import client
 from punchd.keys import PrivateKey, write_private_key
+from punchd.wire import format_address
 
 #: How the daemons run here: under twist, logging text lines to the log file.
 TWIST = [sys.executable, "-m", "twisted", "--log-format", "text"]
@@ -32,7 +33,8 @@ def local_launch(argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[bytes]:
 
 
 def free_udp_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
         s.bind((host, 0))
         port: int = s.getsockname()[1]
         return port
@@ -67,7 +69,7 @@ class Deployment:
     def __post_init__(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         if not self.rendezvous_port:
-            self.rendezvous_port = free_udp_port()
+            self.rendezvous_port = free_udp_port(self.rendezvous_host)
         self.rendezvous_key = PrivateKey.generate()
         self._write_key("rendezvous.key", self.rendezvous_key)
         self.rendezvous_log = self.root / "rendezvous.log"
@@ -114,7 +116,7 @@ class Deployment:
         config.write_text(
             f'name = "{name}"\n'
             f'private_key = "{name}.key"\n'
-            f'rendezvous = "{self.rendezvous_host}:{self.rendezvous_port}"\n'
+            f'rendezvous = "{format_address((self.rendezvous_host, self.rendezvous_port))}"\n'
             f'rendezvous_public_key = "{self.rendezvous_key.public_key().to_base64()}"\n'
             f'control_socket = "{socket_path}"\n'
             f"keepalive = {self.keepalive}\n"
