@@ -21,7 +21,7 @@ import struct
 import time
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 __all__ = [
     "DEFAULT_SOCKET_PATH",
@@ -63,7 +63,27 @@ class TunnelError(Exception):
         return f"TunnelError({self.code!r}, {self.message!r})"
 
 
-class Tunnel:
+class _Closing:
+    """
+    C{with} closes it.
+    """
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class Tunnel(_Closing):
     """
     A punched path to a peer: C{socket} is the connected datagram socket and
     belongs to the program now; C{info} describes the path.
@@ -75,17 +95,6 @@ class Tunnel:
 
     def close(self) -> None:
         self.socket.close()
-
-    def __enter__(self) -> Tunnel:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"<Tunnel {self.info.get('peer', '?')}/{self.info.get('service', '?')}>"
@@ -291,7 +300,7 @@ def connect(
         return Tunnel(sock, reply["tunnel"])
 
 
-class Listener:
+class Listener(_Closing):
     """
     Tunnels peers open to one service of this host, as they come.
 
@@ -332,17 +341,6 @@ class Listener:
 
     def close(self) -> None:
         self._channel.close()
-
-    def __enter__(self) -> Listener:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def listen(service: str, *, socket_path: str | None = None) -> Listener:
