@@ -12,9 +12,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import socket
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import DatagramProtocol
@@ -40,6 +42,7 @@ MIN_LIFETIME = 10
 DEFAULT_LIFETIME = 60
 INCOMING_BACKOFF = Backoff(initial=0.25, maximum=1.0, attempts=8)
 NOT_REGISTERED = 470
+RECEIVE_BUFFER = 4 * 1024 * 1024
 
 
 class Directory:
@@ -124,6 +127,7 @@ class RendezvousProtocol(DatagramProtocol):
     """
 
     noisy = False
+    _socket: Any = None
 
     def __init__(
         self,
@@ -193,7 +197,24 @@ class RendezvousProtocol(DatagramProtocol):
             self.counters["dropped-bad-binding"] += 1
             return
         self.counters["binding"] += 1
-        self._send(response, source)
+        # The hot path: the address came from recvfrom, so skip the
+        # transport's checks of it (they cost as much as the syscall).
+        if self._socket is None:
+            self._send(response, source)
+            return
+        try:
+            self._socket.sendto(response, source)
+        except OSError as e:
+            self.counters[f"send-error-{e.errno}"] += 1
+
+    def startProtocol(self) -> None:
+        self._socket = getattr(self.transport, "socket", None)
+        if self._socket is not None:
+            try:
+                # ~40 ms of requests at 100,000/s: a scheduling hiccup loses nothing.
+                self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+            except OSError:
+                pass
 
     def _send(self, data: bytes, address: tuple[str, int]) -> None:
         if self.transport is None:
