@@ -63,7 +63,6 @@ class Pending(Generic[T]):
         self._done = done
         self._timer: IDelayedCall | None = None
         self.sent = 0
-        self.first_sent_at = clock.seconds()
         self.deferred: Deferred[T] = Deferred(lambda d: self._finish())
         self._transmit()
 
@@ -147,10 +146,6 @@ class Transactions(Generic[T]):
         pending = self._pending.get(transaction_id)
         if pending is not None:
             pending.resend()
-
-    def sent_at(self, transaction_id: bytes) -> float | None:
-        pending = self._pending.get(transaction_id)
-        return None if pending is None else pending.first_sent_at
 
     def cancel_all(self) -> None:
         for pending in list(self._pending.values()):

@@ -35,20 +35,6 @@ ERROR_NAMES: dict[int, str] = {
     486: "busy",
     500: "internal",
 }
-ERROR_CODES: dict[str, int] = {
-    "bad-request": 400,
-    "unauthorized": 401,
-    "rejected": 403,
-    "peer-unknown": 404,
-    "timeout": 408,
-    "unknown-attribute": 420,
-    "stale-nonce": 438,
-    "no-listener": 460,
-    "not-registered": 470,
-    "peer-offline": 480,
-    "busy": 486,
-    "internal": 500,
-}
 REASONS: dict[int, str] = {
     400: "Bad Request",
     401: "Unauthorized",
@@ -66,10 +52,6 @@ REASONS: dict[int, str] = {
 
 #: Attributes each side understands; anything else comprehension-required gets 420.
 KNOWN_ATTRIBUTES = frozenset(int(a) for a in Attr)
-
-PUNCHD_METHODS = frozenset(
-    {stun.Method.REGISTER, stun.Method.PEERS, stun.Method.CONNECT, stun.Method.INCOMING}
-)
 
 
 class CandidateKind(enum.IntEnum):
@@ -143,12 +125,6 @@ def normalize_address(address: tuple[str, int]) -> tuple[str, int]:
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
     return (ip.compressed, port)
-
-
-def encode_name(name: str) -> bytes:
-    if not NAME_RE.match(name):
-        raise ValueError(f"invalid name {name!r}")
-    return name.encode("ascii")
 
 
 def decode_name(value: bytes | None, what: str) -> str:

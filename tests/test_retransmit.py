@@ -4,7 +4,6 @@ Retransmission with exponential backoff, driven by a fake clock.
 
 from __future__ import annotations
 
-import pytest
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
@@ -163,17 +162,6 @@ def test_cancel_all() -> None:
     for results in (first, second):
         assert isinstance(results[0], Failure) and results[0].check(CancelledError)
     assert len(transactions) == 0 and clock.getDelayedCalls() == []
-
-
-@pytest.mark.parametrize("started_at", [0.0, 12.5])
-def test_sent_at_is_the_first_send(started_at: float) -> None:
-    clock = Clock()
-    clock.advance(started_at)
-    transactions: Transactions[str] = Transactions(clock)
-    outcome(transactions.start(TID, Sender(clock), Backoff()))
-    advance(clock, 1.7)
-    assert transactions.sent_at(TID) == started_at
-    assert transactions.sent_at(OTHER) is None
 
 
 def test_resend_sends_now_and_keeps_the_schedule() -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from automat import TypeMachineBuilder
@@ -85,7 +85,6 @@ class RegistrationCore:
     last_error: str | None = None
     timer: IDelayedCall | None = None
     inflight: Deferred[Registered] | None = None
-    waiters: list[Deferred[None]] = field(default_factory=list)
 
     def cancel_timer(self) -> None:
         if self.timer is not None and self.timer.active():
@@ -96,16 +95,6 @@ class RegistrationCore:
         inflight, self.inflight = self.inflight, None
         if inflight is not None:
             inflight.cancel()
-
-    def when_registered(self) -> Deferred[None]:
-        d: Deferred[None] = Deferred()
-        self.waiters.append(d)
-        return d
-
-    def wake_waiters(self) -> None:
-        waiters, self.waiters = self.waiters, []
-        for d in waiters:
-            d.callback(None)
 
 
 def _send(machine: Registration, core: RegistrationCore) -> None:
@@ -171,7 +160,6 @@ def build_registration() -> Callable[[RegistrationCore], Registration]:
         # Refresh well within what the server granted, whatever was asked.
         refresh = min(core.keepalive, lifetime / 3) if lifetime > 0 else core.keepalive
         core.timer = core.clock.callLater(refresh, machine.keepaliveIsDue)
-        core.wake_waiters()
 
     @registering.upon(Registration.fail).to(waiting)
     @refreshing.upon(Registration.fail).to(waiting)

@@ -221,7 +221,6 @@ class Tunnel:
         self.grace_timer: IDelayedCall | None = None
         self.nominated_remote: Address | None = None
         self.intro_deferred: Deferred[Introduced] | None = None
-        self.refusal: tuple[str, str] | None = None
         self.core = TunnelCore(self)
         self.machine: TunnelMachine = build_tunnel_machine(self.core)
         # The responder's half of the tunnel key's salt, fresh per introduction.

@@ -43,12 +43,6 @@ class Outcome:
     strays: list[str] = field(default_factory=list)
     accept: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def summary(self) -> str:
-        if self.ok:
-            return f"direct ({self.local_kind} -> {self.remote_kind})"
-        return f"{self.code}"
-
 
 class World:
     """

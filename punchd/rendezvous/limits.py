@@ -50,8 +50,5 @@ class SourceLimiter:
 
 class Counters(Counter[str]):
     """
-    What the server did with each datagram, by reason; shown in its status log.
+    What the server did with each datagram, by reason.
     """
-
-    def summary(self) -> str:
-        return ", ".join(f"{key}={value}" for key, value in sorted(self.items())) or "nothing"
