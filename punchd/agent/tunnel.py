@@ -450,6 +450,13 @@ class Tunnel:
             remote.answered = True
             # The latest send is the likeliest one answered (Karn's caveat aside).
             remote.rtt = self.clock.seconds() - last_sent[0]
+            log.debug(
+                "tunnel {id}: {remote} answered after {sends} sends, rtt {rtt:.1f} ms",
+                id=self.id_hex[:12],
+                remote=remote.candidate,
+                sends=remote.checks_sent,
+                rtt=remote.rtt * 1000,
+            )
             value = message.get(Attr.XOR_MAPPED_ADDRESS)
             if value is not None:
                 try:
@@ -483,6 +490,7 @@ class Tunnel:
         remote = self.remotes[address]
         remote.in_progress = False
         self.progress({"event": "nominating", "remote": format_address(address)})
+        log.debug("tunnel {id}: nominating {remote}", id=self.id_hex[:12], remote=remote.candidate)
         self._check(address, remote, nominate=True).addCallbacks(
             lambda _: self.machine.nominationAnswered(),
             lambda f: self.machine.nominationFailed() if f.check(RequestTimedOut) else None,
@@ -843,6 +851,12 @@ def build_tunnel_machine_factory() -> Callable[[TunnelCore], TunnelMachine]:
             tunnel.set_peer_key(peer_key, nonce)
             tunnel.progress({"event": "introduced", "candidates": [str(c) for c in remote]})
         tunnel.progress({"event": "probing", "pairs": len(tunnel.remotes)})
+        log.debug(
+            "tunnel {id}: checking {count} remotes: {remotes}",
+            id=tunnel.id_hex[:12],
+            count=len(tunnel.remotes),
+            remotes=", ".join(str(r.candidate) for r in tunnel.remotes.values()),
+        )
         if tunnel.check_budget is not None:
             # This round may probe for so long; the introduction had its own time.
             tunnel.check_timer = tunnel.clock.callLater(tunnel.check_budget, m.deadlineIsReached)
@@ -893,6 +907,11 @@ def build_tunnel_machine_factory() -> Callable[[TunnelCore], TunnelMachine]:
         tunnel.stop_checks()
         tunnel.nominated_remote = remote
         tunnel.nominated_at = tunnel.clock.seconds()
+        log.debug(
+            "tunnel {id}: the peer nominated {remote}",
+            id=tunnel.id_hex[:12],
+            remote=format_address(remote),
+        )
         tunnel.peek_before_reading()
         core.timer = tunnel.clock.callLater(QUIET, m.quietPeriodIsOver)
 
