@@ -26,7 +26,9 @@ from punchd.stun import Attr, MessageClass, Method
 
 log = Logger()
 
-REQUEST_BACKOFF = Backoff(initial=0.5, maximum=2.0, attempts=5)
+# 8.1 s in all: longer than the rendezvous tries to reach a peer (6.75 s), so
+# that its answer (a 408 at worst) still finds us waiting.
+REQUEST_BACKOFF = Backoff(initial=0.3, maximum=1.5, attempts=7)
 RECENT_INCOMING = 256
 HINT_INTERVAL = 60.0
 

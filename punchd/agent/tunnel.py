@@ -34,8 +34,8 @@ log = Logger()
 
 PACING = 0.02
 GATHER_BACKOFF = Backoff(initial=0.1, maximum=0.4, attempts=5)
-CHECK_BACKOFF = Backoff(initial=0.1, maximum=0.8, attempts=30)
-NOMINATE_BACKOFF = Backoff(initial=0.1, maximum=0.8, attempts=8)
+CHECK_BACKOFF = Backoff(initial=0.1, maximum=0.5, attempts=40)
+NOMINATE_BACKOFF = Backoff(initial=0.1, maximum=0.4, attempts=16)
 GRACE = 0.05
 GRACE_MIN = 0.005
 WAIT_LIMIT = 1.0
@@ -43,7 +43,10 @@ LINGER_MIN = 0.005
 LINGER_MAX = 0.5
 WAIT_MIN = 0.02
 TRIGGER_GAP = 0.01
-QUIET = 1.5
+# Without a confirmation, the responder hands off only after this long with no
+# nomination retransmission: under heavy loss those can be seconds apart, and
+# handing off too early lets the rest reach the program.
+QUIET = 3.0
 CONFIRM_COPIES = 3
 MAX_PEER_REFLEXIVE = 8
 ABANDON_COPIES = 2
@@ -368,6 +371,16 @@ class Tunnel:
             self.pacer = LoopingCall(self._pace)
             self.pacer.clock = self.clock
             self.pacer.start(PACING, now=False)
+
+    def round_spent(self) -> None:
+        """
+        The round's probing budget ran out.  If nothing at all got through,
+        give up now so that another round can try the other order; if
+        anything did, the path is just lossy: keep going to the deadline.
+        """
+        if any(r.heard or r.answered for r in self.remotes.values()):
+            return
+        self.machine.deadlineIsReached()
 
     def wait_time(self) -> float:
         """
@@ -859,7 +872,7 @@ def build_tunnel_machine_factory() -> Callable[[TunnelCore], TunnelMachine]:
         )
         if tunnel.check_budget is not None:
             # This round may probe for so long; the introduction had its own time.
-            tunnel.check_timer = tunnel.clock.callLater(tunnel.check_budget, m.deadlineIsReached)
+            tunnel.check_timer = tunnel.clock.callLater(tunnel.check_budget, tunnel.round_spent)
         if tunnel.wait_for_peer:
             tunnel.wait_timer = tunnel.clock.callLater(tunnel.wait_time(), tunnel.start_checks)
         else:
