@@ -124,7 +124,7 @@ def _error(reply: dict[str, Any]) -> TunnelError:
     return TunnelError(str(error.get("code", "bad-reply")), str(error.get("message", "")))
 
 
-class _Channel:
+class _Channel(_Closing):
     """
     One connection to the agent.
 
@@ -264,17 +264,6 @@ class _Channel:
         self._sock.close()
         while self._fds:
             os.close(self._fds.popleft())
-
-    def __enter__(self) -> _Channel:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def connect(

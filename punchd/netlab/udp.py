@@ -28,7 +28,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from types import TracebackType
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, Self
 
 if TYPE_CHECKING:
     from punchd.netlab.lab import Host
@@ -136,17 +136,17 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(2.0)
 
 
-class Reflector:
-    """``reflect`` running on ``host``; ``address`` is where to send to."""
+class _Helper:
+    """
+    A helper process inside a lab host; closing (or leaving C{with}) stops it.
+    """
 
-    def __init__(self, host: Host, port: int = 0) -> None:
-        self._proc, _, bound = _start(host, "reflect", port)
-        self.address: Address = (host.address, bound)
+    _proc: subprocess.Popen[bytes]
 
     def close(self) -> None:
         _stop(self._proc)
 
-    def __enter__(self) -> Reflector:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
@@ -158,7 +158,15 @@ class Reflector:
         self.close()
 
 
-class UdpEndpoint:
+class Reflector(_Helper):
+    """``reflect`` running on ``host``; ``address`` is where to send to."""
+
+    def __init__(self, host: Host, port: int = 0) -> None:
+        self._proc, _, bound = _start(host, "reflect", port)
+        self.address: Address = (host.address, bound)
+
+
+class UdpEndpoint(_Helper):
     """A UDP socket bound to ``port`` (0: any) inside ``host``, driven from here."""
 
     def __init__(self, host: Host, port: int = 0) -> None:
@@ -210,20 +218,6 @@ class UdpEndpoint:
         finally:
             self._backlog.extend(others)
         raise TimeoutError(f"no answer from reflector {reflector} to {self.host.name}")
-
-    def close(self) -> None:
-        _stop(self._proc)
-
-    def __enter__(self) -> UdpEndpoint:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 if __name__ == "__main__":
