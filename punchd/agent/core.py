@@ -231,14 +231,16 @@ class Agent:
         started = self.reactor.seconds()
         deadline = started + timeout
         first = min(timeout / 2, FIRST_ROUND)
-        # Round one probes for at most `first` seconds once introduced, so
-        # that round two has time; a slow introduction may use the rest.
+        # Round one gives up `first` seconds into probing if nothing at all
+        # got through, so that round two has time; a slow introduction, or a
+        # lossy path that lets something through, may use the rest.
         current: list[Deferred[HandOff]] = []
         result: Deferred[HandOff] = Deferred(lambda d: current[-1].cancel())
 
         def second(failure: Failure) -> Deferred[HandOff] | Failure:
             left = deadline - self.reactor.seconds()
-            if not failure.check(TunnelFailed) or failure.value.code != "unreachable":  # type: ignore[union-attr]
+            error = failure.value
+            if not isinstance(error, TunnelFailed) or error.code != "unreachable":
                 return failure
             if left < MIN_SECOND_ROUND:
                 return failure

@@ -147,8 +147,6 @@ class TunnelCore:
     glue: Tunnel
     deadline: IDelayedCall | None = None
     timer: IDelayedCall | None = None
-    chosen: Address | None = None
-    outcome: str | None = None
 
     def cancel_timer(self) -> None:
         if self.timer is not None and self.timer.active():
@@ -890,7 +888,6 @@ def build_tunnel_machine_factory() -> Callable[[TunnelCore], TunnelMachine]:
             return
         preference = tunnel.remotes[remote].priority
         if preference >= tunnel.best_possible():
-            core.chosen = remote
             m.graceIsOver()
         elif tunnel.grace_timer is None:
             tunnel.grace_timer = tunnel.clock.callLater(tunnel.grace(remote), m.graceIsOver)
@@ -899,8 +896,7 @@ def build_tunnel_machine_factory() -> Callable[[TunnelCore], TunnelMachine]:
     def nominate_best(m: TunnelMachine, core: TunnelCore) -> None:
         tunnel = core.glue
         answered = [a for a, r in tunnel.remotes.items() if r.answered]
-        best = max(answered, key=lambda a: tunnel.remotes[a].priority)
-        tunnel.nominate(core.chosen or best)
+        tunnel.nominate(max(answered, key=lambda a: tunnel.remotes[a].priority))
 
     @nominating.upon(TunnelMachine.nominationAnswered).to(lingering)
     def confirm_and_linger(m: TunnelMachine, core: TunnelCore) -> None:
