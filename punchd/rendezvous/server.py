@@ -197,15 +197,10 @@ class RendezvousProtocol(DatagramProtocol):
             self.counters["dropped-bad-binding"] += 1
             return
         self.counters["binding"] += 1
-        # The hot path: the address came from recvfrom, so skip the
-        # transport's checks of it (they cost as much as the syscall).
-        if self._socket is None:
-            self._send(response, source)
-            return
-        try:
-            self._socket.sendto(response, source)
-        except OSError as e:
-            self.counters[f"send-error-{e.errno}"] += 1
+        self._send(response, source)
+
+    def stopProtocol(self) -> None:
+        self._socket = None
 
     def startProtocol(self) -> None:
         self._socket = getattr(self.transport, "socket", None)
@@ -217,10 +212,14 @@ class RendezvousProtocol(DatagramProtocol):
                 pass
 
     def _send(self, data: bytes, address: tuple[str, int]) -> None:
-        if self.transport is None:
-            return
+        # Every address here came from recvfrom (directly or through the
+        # registry), so the socket is used as is: the transport's checks of
+        # the address cost as much as the syscall on the Binding hot path.
         try:
-            self.transport.write(data, address)
+            if self._socket is not None:
+                self._socket.sendto(data, address)
+            elif self.transport is not None:
+                self.transport.write(data, address)
         except OSError as e:
             # A full send buffer or conntrack table: UDP may drop, and the
             # sender retransmits; nothing here may be left half done.
