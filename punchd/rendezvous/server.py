@@ -251,22 +251,22 @@ class RendezvousProtocol(DatagramProtocol):
             self._unauthorized(message, source, size)
             return
 
-        def reply(cls: MessageClass, attributes: list[tuple[int, bytes]]) -> bytes:
-            data = wire.signed(message.method, cls, message.transaction_id, attributes, key)
+        def sign(cls: MessageClass, attributes: list[tuple[int, bytes]]) -> bytes:
+            return wire.signed(message.method, cls, message.transaction_id, attributes, key)
+
+        def answer(cls: MessageClass, attributes: list[tuple[int, bytes]]) -> None:
+            data = sign(cls, attributes)
             self._send(data, source)
-            return data
+            self._remember(name, message.transaction_id, source, data)
 
         if not self._nonces.valid(message.get(Attr.NONCE), source):
             # Anyone may replay a captured request from any address: the
             # answer is rate-limited and never larger than what came in.
             self.counters["stale-nonce"] += 1
             if self._error_limiter.allow(source[0]):
-                stale = wire.signed(
-                    message.method,
+                stale = sign(
                     MessageClass.ERROR,
-                    message.transaction_id,
                     [*wire.error_attributes(438), (Attr.NONCE, self._nonces.issue(source))],
-                    key,
                 )
                 if len(stale) <= size:
                     self._send(stale, source)
@@ -274,13 +274,14 @@ class RendezvousProtocol(DatagramProtocol):
         unknown = message.unknown_required(wire.KNOWN_ATTRIBUTES)
         if unknown:
             self.counters["unknown-attribute"] += 1
-            reply(
+            unknown_reply = sign(
                 MessageClass.ERROR,
                 [
                     *wire.error_attributes(420),
                     (Attr.UNKNOWN_ATTRIBUTES, stun.encode_unknown_attributes(unknown)),
                 ],
             )
+            self._send(unknown_reply, source)
             return
         now = self.clock.seconds()
         recent = self._recent.get(name)
@@ -295,9 +296,7 @@ class RendezvousProtocol(DatagramProtocol):
             return
         sequence_value = message.get(Attr.SEQUENCE)
         if sequence_value is None or len(sequence_value) != 8:
-            self._remember(
-                name, message, source, reply(MessageClass.ERROR, wire.error_attributes(400))
-            )
+            answer(MessageClass.ERROR, wire.error_attributes(400))
             return
         sequence = stun.decode_u64(sequence_value)
         entry = self.directory.entry(name)
@@ -311,36 +310,26 @@ class RendezvousProtocol(DatagramProtocol):
 
         try:
             if message.method == Method.REGISTER:
-                answer = self._register(name, entry, message, source, registration is None, now)
-                self._remember(name, message, source, reply(MessageClass.SUCCESS, answer))
+                registered = self._register(name, entry, message, source, registration is None, now)
+                answer(MessageClass.SUCCESS, registered)
             elif registration is None:
-                self._remember(
-                    name,
-                    message,
-                    source,
-                    reply(
-                        MessageClass.ERROR, wire.error_attributes(NOT_REGISTERED, "Not Registered")
-                    ),
-                )
+                answer(MessageClass.ERROR, wire.error_attributes(NOT_REGISTERED, "Not Registered"))
             elif message.method == Method.PEERS:
-                answer = self._peers(name, entry, message, now)
-                self._remember(name, message, source, reply(MessageClass.SUCCESS, answer))
+                answer(MessageClass.SUCCESS, self._peers(name, entry, message, now))
             else:
                 self._connect(name, message, source, key, now)
         except wire.ProtocolError as e:
             self.counters["bad-request"] += 1
-            self._remember(
-                name,
-                message,
-                source,
-                reply(MessageClass.ERROR, wire.error_attributes(e.code, e.reason)),
-            )
+            answer(MessageClass.ERROR, wire.error_attributes(e.code, e.reason))
 
     def _remember(
-        self, name: str, message: stun.Message, source: tuple[str, int], answer: bytes
+        self, name: str, transaction_id: bytes, source: tuple[str, int], answer: bytes
     ) -> None:
+        """
+        Keep an answer, so that a retransmission of its request gets it again.
+        """
         recent = self._recent.setdefault(name, OrderedDict())
-        recent[message.transaction_id] = (self.clock.seconds(), source, answer)
+        recent[transaction_id] = (self.clock.seconds(), source, answer)
         while len(recent) > RECENT_ANSWERS:
             recent.popitem(last=False)
 
@@ -501,14 +490,9 @@ class RendezvousProtocol(DatagramProtocol):
         answer = wire.signed(
             Method.CONNECT, cls, introduction.connect_id, attributes, introduction.key
         )
-        recent = self._recent.setdefault(introduction.initiator, OrderedDict())
-        recent[introduction.connect_id] = (
-            self.clock.seconds(),
-            introduction.initiator_address,
-            answer,
+        self._remember(
+            introduction.initiator, introduction.connect_id, introduction.initiator_address, answer
         )
-        while len(recent) > RECENT_ANSWERS:
-            recent.popitem(last=False)
         self._send(answer, introduction.initiator_address)
 
     def _introduced(self, introduction: Introduction, answer: stun.Message) -> None:
