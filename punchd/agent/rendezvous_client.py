@@ -10,7 +10,7 @@ nonces, and never acts on a datagram that does not verify.
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -73,10 +73,7 @@ class RendezvousClient(DatagramProtocol):
         self._transactions: Transactions[stun.Message] = Transactions(clock)
         self._incoming: OrderedDict[bytes, bytes | None] = OrderedDict()
         self._last_hint = -HINT_INTERVAL
-        self.counters: dict[str, int] = {}
-
-    def _count(self, what: str) -> None:
-        self.counters[what] = self.counters.get(what, 0) + 1
+        self.counters: Counter[str] = Counter()
 
     # -- requests ---------------------------------------------------------
 
@@ -142,34 +139,34 @@ class RendezvousClient(DatagramProtocol):
         try:
             self._received(datagram, (addr[0], addr[1]))
         except Exception:
-            self._count("internal-error")
+            self.counters["internal-error"] += 1
             log.failure("unexpected error handling a datagram from the rendezvous")
 
     def _received(self, datagram: bytes, source: tuple[str, int]) -> None:
         if self.server is None or wire.normalize_address(source) != self.server:
-            self._count("dropped-stranger")
+            self.counters["dropped-stranger"] += 1
             return
         try:
             message = stun.parse(datagram)
         except stun.StunError:
-            self._count("dropped-malformed")
+            self.counters["dropped-malformed"] += 1
             return
         if message.cls in (MessageClass.SUCCESS, MessageClass.ERROR):
             if message.transaction_id not in self._transactions:
-                self._count("dropped-unsolicited")
+                self.counters["dropped-unsolicited"] += 1
                 return
             if stun.verify_integrity_sha256(message, self._key):
                 self._transactions.answer(message.transaction_id, message)
             else:
-                self._count("dropped-unauthenticated")
+                self.counters["dropped-unauthenticated"] += 1
                 self._hint(message)
         elif message.cls == MessageClass.REQUEST and message.method == Method.INCOMING:
             if not stun.verify_integrity_sha256(message, self._key):
-                self._count("dropped-unauthenticated")
+                self.counters["dropped-unauthenticated"] += 1
                 return
             self._incoming_request(message, source)
         else:
-            self._count("dropped-unexpected")
+            self.counters["dropped-unexpected"] += 1
 
     def _hint(self, message: stun.Message) -> None:
         """

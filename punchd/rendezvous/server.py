@@ -560,7 +560,7 @@ class RendezvousProtocol(DatagramProtocol):
         self.directory = directory
         for name in old.names():
             before, after = old.entry(name), directory.entry(name)
-            if after is None or before is None or after != before:
+            if after != before:
                 if self.registry.lookup(name, now) is not None:
                     log.info("agent {peer} dropped: peers file changed", peer=name)
                 self.registry.remove(name)
