@@ -58,20 +58,26 @@ class Program:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+                line = lines.get(timeout=min(0.2, max(0.0, deadline - time.monotonic())))
             except queue.Empty:
-                raise TimeoutError(f"{self.name}: nothing matching {pattern!r}") from None
+                if self.process.poll() not in (None, 0) and lines.empty():
+                    raise RuntimeError(f"{self.name}: punchctl failed") from None
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"{self.name}: nothing matching {pattern!r}") from None
+                continue
             if re.search(pattern, line):
                 return line
 
     def progress_until(self, pattern: str, show: Callable[[str], None]) -> str:
+        """
+        Show progress lines until one matches; punchctl exiting (its error
+        line shown last) ends the wait at once.
+        """
         while True:
             line = self.expect(self.err, r".")
             show(line)
             if re.search(pattern, line):
                 return line
-            if "punchctl:" in line and ("failed" in line or "error" in line.lower()):
-                raise RuntimeError(line)
 
     def type(self, line: str) -> None:
         stdin = cast("IO[str] | None", self.process.stdin)  # text=True above
