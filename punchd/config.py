@@ -16,10 +16,11 @@ import ipaddress
 import math
 import os
 import re
+import sys
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 from punchd.keys import KeyFileError, PrivateKey, PublicKey, load_private_key
 
@@ -41,6 +42,19 @@ class ConfigError(Exception):
     key (or the command-line option) at fault, e.g.
     C{"agent.toml: key 'keepalive': must be a number 1-3600, got 0"}.
     """
+
+
+#: sysexits.h EX_CONFIG: the systemd units do not restart a daemon on it.
+EX_CONFIG = 78
+
+
+def refuse_to_start(program: str, message: str) -> NoReturn:
+    """
+    Say what is wrong with the configuration in one line and exit, before
+    anything listens.
+    """
+    sys.stderr.write(f"{program}: {message}\n")
+    raise SystemExit(EX_CONFIG)
 
 
 @dataclass(frozen=True)

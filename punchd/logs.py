@@ -28,8 +28,12 @@ from twisted.logger import (
 from zope.interface import implementer
 
 
+def _debug() -> bool:
+    return "PUNCHD_DEBUG" in os.environ
+
+
 def _level() -> LogLevel:
-    level: LogLevel = LogLevel.debug if os.environ.get("PUNCHD_DEBUG") else LogLevel.info
+    level: LogLevel = LogLevel.debug if _debug() else LogLevel.info
     return level
 
 
@@ -109,7 +113,7 @@ def wanted(log_format: str) -> bool:
     Whether punchd's observer should replace the launcher's own: JSON was
     asked for, journald is reading, or debug lines are.
     """
-    return log_format == "json" or "JOURNAL_STREAM" in os.environ or "PUNCHD_DEBUG" in os.environ
+    return log_format == "json" or "JOURNAL_STREAM" in os.environ or _debug()
 
 
 def adopt_launcher(options: Any, log_format: str) -> None:

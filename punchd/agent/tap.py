@@ -5,7 +5,6 @@ twistd plugin glue for the agent: C{twistd -n punch-agent --config FILE}.
 from __future__ import annotations
 
 import os
-import sys
 from typing import Any, NoReturn
 
 from twisted.application import service
@@ -20,7 +19,7 @@ from punchd.agent.control import (
     clear_stale_socket,
 )
 from punchd.agent.core import Agent
-from punchd.config import AgentConfig, ConfigError, load_agent_config
+from punchd.config import AgentConfig, ConfigError, load_agent_config, refuse_to_start
 from punchd.logs import LoggingService, adopt_launcher, notify_ready
 
 OVERRIDABLE = (
@@ -82,13 +81,8 @@ class Options(usage.Options):
         adopt_launcher(self, self["settings"].log_format)
 
 
-#: sysexits.h EX_CONFIG: the units tell systemd not to restart on it.
-EX_CONFIG = 78
-
-
 def _die(message: str) -> NoReturn:
-    sys.stderr.write(f"punch-agent: {message}\n")
-    raise SystemExit(EX_CONFIG)
+    refuse_to_start("punch-agent", message)
 
 
 class AgentService(service.Service):

@@ -5,7 +5,6 @@ twistd plugin glue for the rendezvous: C{twistd -n rendezvous --config FILE}.
 from __future__ import annotations
 
 import signal
-import sys
 from typing import Any
 
 from twisted.application import internet, service
@@ -13,16 +12,19 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python import usage
 
-from punchd.config import ConfigError, RendezvousConfig, load_peers, load_rendezvous_config
+from punchd.config import (
+    ConfigError,
+    RendezvousConfig,
+    load_peers,
+    load_rendezvous_config,
+    refuse_to_start,
+)
 from punchd.logs import LoggingService, adopt_launcher, notify_ready
 from punchd.rendezvous.limits import SourceLimiter
 from punchd.rendezvous.registry import MemoryRegistry
 from punchd.rendezvous.server import Directory, RendezvousProtocol
 
 log = Logger()
-
-#: sysexits.h EX_CONFIG: the units tell systemd not to restart on it.
-EX_CONFIG = 78
 
 
 class Options(usage.Options):
@@ -84,8 +86,7 @@ class Options(usage.Options):
         try:
             self["settings"] = load_rendezvous_config(self["config"], overrides)
         except ConfigError as e:
-            sys.stderr.write(f"rendezvous: {e}\n")
-            raise SystemExit(EX_CONFIG) from None
+            refuse_to_start("rendezvous", str(e))
         adopt_launcher(self, self["settings"].log_format)
 
 
