@@ -209,7 +209,6 @@ class Tunnel:
         self.remotes: dict[Address, RemoteState] = {}
         self.queue: list[Address] = []
         self.transactions: Transactions[tuple[stun.Message, Address]] = Transactions(self.clock)
-        self.our_ids: set[bytes] = set()
         self.key: bytes | None = None
         self.early: list[tuple[bytes, Address]] = []
         self.confirmations: set[bytes] = set()
@@ -293,7 +292,6 @@ class Tunnel:
             self.machine.gathered(None)
             return
         transaction_id = stun.new_transaction_id()
-        self.our_ids.add(transaction_id)
         self.gather_id = transaction_id
         request = stun.build(Method.BINDING, MessageClass.REQUEST, transaction_id, fingerprint=True)
         rendezvous = self.rendezvous
@@ -423,7 +421,6 @@ class Tunnel:
     def _check_request(self, nominate: bool) -> tuple[bytes, bytes]:
         assert self.key is not None
         transaction_id = stun.new_transaction_id()
-        self.our_ids.add(transaction_id)
         attributes: list[tuple[int, bytes]] = [
             (Attr.USERNAME, f"{self.id_hex}:{self.own_role}".encode("ascii")),
             (Attr.PRIORITY, stun.encode_u32(CandidateKind.PRFLX.preference << 24)),
@@ -550,7 +547,9 @@ class Tunnel:
         except stun.StunError:
             return False
         if message.cls in (MessageClass.SUCCESS, MessageClass.ERROR):
-            return message.transaction_id in self.our_ids
+            # An answer to our gathering request or to one of our checks.
+            tid = message.transaction_id
+            return tid == self.gather_id or tid in self.check_targets
         return self._authentic(message)
 
     def _keep_for_program(self, data: bytes, source: Address) -> bool:
