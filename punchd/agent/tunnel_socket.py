@@ -20,6 +20,10 @@ log = Logger()
 
 MAX_DATAGRAM = 2048
 READS_PER_CALL = 64
+#: A receive buffer's worth of datagrams, and then some.
+MAX_DRAIN = 65536
+#: Errors a UDP socket reports once for an earlier send's ICMP answer.
+TRANSIENT = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH})
 
 
 class TunnelSocket:
@@ -81,7 +85,7 @@ class TunnelSocket:
             except BlockingIOError:
                 return
             except OSError as e:
-                if e.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
+                if e.errno in TRANSIENT:
                     continue
                 log.debug("tunnel socket read failed: {error}", error=e)
                 return
@@ -105,24 +109,36 @@ class TunnelSocket:
         except OSError as e:
             log.debug("tunnel send to {address} failed: {error}", address=address, error=e)
 
+    def connect(self, remote: tuple[str, int]) -> None:
+        """
+        From now on the kernel delivers only C{remote}'s datagrams here.
+        Whatever came from elsewhere arrived before this moment, so it sits
+        ahead of anything the peer's program will send, and reading consumes
+        it first.
+        """
+        assert self.sock is not None
+        self.sock.connect(remote)
+
     def release(
         self, remote: tuple[str, int], ours: Callable[[bytes, tuple[str, int]], bool]
     ) -> socket.socket:
         """
-        Stop reading, connect to C{remote}, consume what is still queued
-        for the agent (its own stragglers, anything from elsewhere), and give
-        the socket away: the caller owns it from now on.
+        Stop reading, consume what is still queued for the agent (its own
+        stragglers, and anything from elsewhere that arrived before
+        L{connect}), and give the socket away: the caller owns it from now
+        on.  The first datagram of the peer's program stays queued.
         """
         self.stop_reading()
         sock = self.sock
         assert sock is not None
         self.sock = None
-        sock.connect(remote)
-        for _ in range(256):
+        for _ in range(MAX_DRAIN):
             try:
                 data, source = sock.recvfrom(MAX_DATAGRAM, socket.MSG_PEEK)
-            except (BlockingIOError, OSError):
-                break
+            except OSError as e:
+                if e.errno in TRANSIENT:  # an ICMP error, reported once
+                    continue
+                break  # EAGAIN: nothing left
             if source[:2] == remote and not ours(data, source[:2]):
                 break
             try:

@@ -11,6 +11,7 @@ ever connected to the documentation addresses used here.
 from __future__ import annotations
 
 import gc
+import os
 import random
 import select
 import socket
@@ -25,9 +26,12 @@ from twisted.logger import LogEvent, capturedLogs
 from twisted.python.failure import Failure
 
 from punchd import stun, wire
-from punchd.agent import tunnel as tunnel_module
+from punchd.agent import pairs
 from punchd.agent.api import HandOff, TunnelFailed
-from punchd.agent.tunnel import GATHER_BACKOFF, QUIET, Introduced, Tunnel, new_tunnel_id
+from punchd.agent.gatherers import PlainBinding
+from punchd.agent.roles import Initiator, Introduced, Responder, Role
+from punchd.agent.tunnel import FINAL_WORD_WAIT, QUIET, Tunnel, new_tunnel_id
+from punchd.agent.tunnel_core import GATHER_BACKOFF, LINGER_MIN
 from punchd.agent.tunnel_socket import TunnelSocket
 from punchd.keys import PrivateKey, derive_tunnel_key
 from punchd.retransmit import RequestTimedOut
@@ -121,6 +125,8 @@ class Endpoint:
     inbox: list[tuple[bytes, Address]] = field(default_factory=list)
     releases: list[Address] = field(default_factory=list)
     released_at: float | None = None
+    #: Where the socket is connected: the kernel drops datagrams from elsewhere.
+    connected: Address | None = None
 
     @property
     def address(self) -> Address:
@@ -134,6 +140,8 @@ class Endpoint:
         return self.addresses.get(label) or self.addresses.get("wan") or self.address
 
     def arrive(self, data: bytes, source: Address) -> None:
+        if self.connected is not None and source != self.connected:
+            return
         self.queue.append((data, source))
         self.pump()
 
@@ -170,6 +178,9 @@ class SimSocket(TunnelSocket):
 
     def send(self, data: bytes, address: Address) -> None:
         self.endpoint.net.send(self.endpoint, data, address)
+
+    def connect(self, remote: Address) -> None:
+        self.endpoint.connected = remote
 
     def release(self, remote: Address, ours: Callable[[bytes, Address], bool]) -> socket.socket:
         endpoint = self.endpoint
@@ -222,14 +233,16 @@ class Net:
         public address on C{"wan"} (port C{None}: the same as the socket's).
         """
         self._next = Endpoint(self, name, host, on, public, reachable)
-        saved = tunnel_module.TunnelSocket
-        tunnel_module.TunnelSocket = lambda *a: SimSocket(*a, net=self)  # type: ignore[misc]
-        try:
-            kwargs.setdefault("timeout", 10.0)
-            kwargs.setdefault("rendezvous", None)
-            return Tunnel(reactor=self.reactor, host_addresses=[host], **kwargs)
-        finally:
-            tunnel_module.TunnelSocket = saved  # type: ignore[misc]
+        kwargs.setdefault("timeout", 10.0)
+        rendezvous = kwargs.pop("rendezvous", None)
+        return Tunnel(
+            clock=self.reactor,
+            sockets=lambda family, received, keep: SimSocket(self.reactor, received, keep, self),
+            role=make_role(kwargs),
+            host_addresses=[host],
+            gatherer=None if rendezvous is None else PlainBinding(rendezvous),
+            **kwargs,
+        )
 
     def attach(self, sock: SimSocket) -> Endpoint:
         endpoint, self._next = self._next, None
@@ -320,6 +333,33 @@ class Net:
         return [d for d in self.log if d.sender == name]
 
 
+def make_role(kwargs: dict[str, Any]) -> Role:
+    """
+    The role the C{role} keyword names, from the keywords that describe it.
+    """
+    if kwargs.pop("role") == "initiator":
+        return Initiator(kwargs.pop("introduce"))
+    return Responder(
+        kwargs.pop("peer_key"),
+        kwargs.pop("remote_candidates"),
+        nonce=os.urandom(16),
+        holds_first_checks=kwargs.pop("wait_for_peer", False),
+    )
+
+
+def remotes(tunnel: Tunnel) -> dict[Address, pairs.Pair]:
+    return {p.address: p for p in tunnel.core.pairs}
+
+
+def key_of(tunnel: Tunnel) -> bytes | None:
+    signer = tunnel.core.signer
+    return None if signer is None else signer.key
+
+
+def nonce_of(tunnel: Tunnel) -> bytes:
+    return tunnel.core.role.nonce  # type: ignore[attr-defined, no-any-return]
+
+
 class Intro:
     """
     The initiator's introduction through the rendezvous, answered by hand;
@@ -332,7 +372,7 @@ class Intro:
         self.cancelled = False
         self.forward: Callable[[list[Candidate]], None] = lambda candidates: None
 
-    def __call__(self, candidates: list[Candidate]) -> Deferred[Introduced]:
+    def introduce(self, tunnel_id: bytes, candidates: list[Candidate]) -> Deferred[Introduced]:
         def cancel(d: Deferred[Introduced]) -> None:
             self.cancelled = True
 
@@ -376,11 +416,11 @@ class Pair:
 
     @property
     def ea(self) -> Endpoint:
-        return self.a.socket.endpoint  # type: ignore[attr-defined, no-any-return]
+        return self.a.sockets[0].endpoint  # type: ignore[attr-defined, no-any-return]
 
     @property
     def eb(self) -> Endpoint:
-        return self.b.socket.endpoint  # type: ignore[attr-defined, no-any-return]
+        return self.b.sockets[0].endpoint  # type: ignore[attr-defined, no-any-return]
 
     def hand_off(self, which: str) -> HandOff:
         results = self.a_result if which == "a" else self.b_result
@@ -426,12 +466,12 @@ def make_pair(
             remote_candidates=candidates,
         )
         pair.b.result.addBoth(pair.b_result.append)
-        pair.b.gathered_result.addCallbacks(answer, lambda f: None)
+        pair.b.core.role.answer.addCallbacks(answer, lambda f: None)
 
     def answer(candidates: list[Candidate]) -> None:
         assert pair.intro.deferred is not None
         if intro_delay is not None:
-            reply = (candidates, pair.b_key.public_key(), pair.b.nonce)
+            reply = (candidates, pair.b_key.public_key(), nonce_of(pair.b))
             net.reactor.callLater(intro_delay, pair.intro.deferred.callback, reply)
 
     pair.intro.forward = introduced
@@ -535,7 +575,7 @@ def test_the_responder_hands_off_on_confirm(net: Net) -> None:
     assert len(confirms) == 3
     arrival = confirms[-1].sent_at + LATENCY
     # All copies are in together, so only a short tail for duplicates remains.
-    assert pair.eb.released_at == pytest.approx(arrival + tunnel_module.LINGER_MIN)
+    assert pair.eb.released_at == pytest.approx(arrival + LINGER_MIN)
     assert pair.eb.released_at < arrival + QUIET / 10
     assert_clean_hand_off(pair)
 
@@ -659,7 +699,7 @@ def test_peer_reflexive_learning(net: Net) -> None:
     assert pair.eb.releases == [NAT]
     assert b.info["remote"] == "203.0.113.7:5555"
     assert b.info["candidates"]["remote"] == "prflx"
-    assert pair.b.remotes[NAT].candidate.kind == CandidateKind.PRFLX
+    assert remotes(pair.b)[NAT].remote.kind == CandidateKind.PRFLX
     a = pair.hand_off("a")
     assert a.info["local"] == "203.0.113.7:5555"
     assert a.info["candidates"] == {"local": "prflx", "remote": "host"}
@@ -694,8 +734,8 @@ def test_nomination_grace_prefers_host_over_srflx_that_answered_first(net: Net) 
     pair = grace_pair(net, lan=0.006, wan=0.005)
     net.run(1.0)
     srflx = pair.eb.addresses["wan"]
-    assert pair.a.remotes[srflx].candidate.kind == CandidateKind.SRFLX
-    assert pair.a.remotes[srflx].answered and pair.a.remotes[pair.eb.address].answered
+    assert remotes(pair.a)[srflx].remote.kind == CandidateKind.SRFLX
+    assert remotes(pair.a)[srflx].answered and remotes(pair.a)[pair.eb.address].answered
     assert first_answer_to_a(pair).dst == pair.ea.addresses["wan"]  # srflx answered first
     a = pair.hand_off("a")
     assert a.info["remote"] == wire.format_address(pair.eb.address)
@@ -738,16 +778,31 @@ def test_responder_hands_off_after_the_quiet_period_when_confirm_is_lost(net: Ne
 def test_responder_hands_off_when_the_program_speaks_and_keeps_its_words(net: Net) -> None:
     drop_confirms(net)
     pair = make_pair(net)
-    net.run(0.5)
+    net.run(FINAL_WORD_WAIT + 0.1)
     assert pair.ea.releases and not pair.eb.releases
     assert pair.b.machine.describe() == "awaiting confirmation"
     net.program_send("a", b"hello from alice's program", pair.eb.address)
     net.run(LATENCY)
     assert pair.eb.releases == [pair.ea.address]
-    assert pair.eb.released_at == pytest.approx(0.5 + LATENCY)
+    assert pair.eb.released_at == pytest.approx(FINAL_WORD_WAIT + 0.1 + LATENCY)
     assert pair.eb.inbox == [(b"hello from alice's program", pair.ea.address)]
     assert all(data != b"hello from alice's program" for data, _ in pair.eb.consumed)
     assert_clean_hand_off_but_for_inbox(pair)
+
+
+def test_the_initiator_hands_off_once_the_responder_is_done(net: Net) -> None:
+    """
+    The responder's last Confirm says it answers no more checks: the
+    initiator hands off a short tail after it, and not before.
+    """
+    pair = make_pair(net)
+    net.run(1.0)
+    last = [d for d in net.sent_by("b") if d.kind() == "confirm"]
+    assert len(last) == 3
+    assert pair.eb.released_at is not None and pair.ea.released_at is not None
+    assert last[-1].sent_at <= pair.eb.released_at
+    assert pair.ea.released_at == pytest.approx(last[0].sent_at + LATENCY + LINGER_MIN)
+    assert_clean_hand_off(pair)
 
 
 def assert_clean_hand_off_but_for_inbox(pair: Pair) -> None:
@@ -773,7 +828,9 @@ def test_program_data_from_elsewhere_does_not_hand_off(net: Net) -> None:
     pair.eb.arrive(b"noise", ("198.51.100.99", 4444))
     assert not pair.eb.releases
     assert pair.b.machine.describe() == "awaiting confirmation"
-    assert (b"noise", ("198.51.100.99", 4444)) in pair.eb.consumed
+    # Connected to the nominated remote at once: the kernel drops the rest.
+    assert pair.eb.connected == pair.ea.address
+    assert (b"noise", ("198.51.100.99", 4444)) not in pair.eb.queue + pair.eb.consumed
 
 
 def confirm(pair: Pair, key: bytes) -> bytes:
@@ -781,7 +838,7 @@ def confirm(pair: Pair, key: bytes) -> bytes:
         Method.CONFIRM,
         MessageClass.INDICATION,
         stun.new_transaction_id(),
-        [(Attr.USERNAME, f"{pair.a.id_hex}:a".encode())],
+        [(Attr.USERNAME, f"{pair.a.core.id_hex}:a".encode())],
         key,
     )
 
@@ -790,7 +847,7 @@ def test_only_an_authentic_confirm_from_the_nominated_address_confirms(net: Net)
     drop_confirms(net)
     pair = make_pair(net)
     net.run(0.5)
-    key = derive_tunnel_key(pair.a_key, pair.b_key.public_key(), pair.tunnel_id, pair.b.nonce)
+    key = derive_tunnel_key(pair.a_key, pair.b_key.public_key(), pair.tunnel_id, nonce_of(pair.b))
     elsewhere = ("198.51.100.99", 4444)
     pair.eb.arrive(confirm(pair, key), elsewhere)
     pair.eb.arrive(confirm(pair, bytes(32)), elsewhere)
@@ -820,7 +877,7 @@ def test_deadline_when_every_check_is_lost(net: Net) -> None:
     assert f"host {B_HOST}:{b_port}: " in error.message
     checks = len([d for d in net.sent_by("a") if d.dst == pair.eb.address])
     assert checks > 5 and f"{checks} checks, silent" in error.message
-    assert pair.a.socket.sock is None and pair.a.socket.real.fileno() == -1  # type: ignore[attr-defined]
+    assert pair.a.sockets[0].sock is None and pair.a.sockets[0].real.fileno() == -1  # type: ignore[attr-defined]
     net.run(1.0)
     error_b = pair.failure("b")
     assert error_b.code == "unreachable"
@@ -854,7 +911,7 @@ def test_deadline_during_introduction(net: Net) -> None:
     error = pair.failure("a")
     assert (error.code, error.message) == ("timeout", "bob did not answer in time")
     assert pair.intro.cancelled
-    assert pair.a.socket.sock is None
+    assert pair.a.sockets[0].sock is None
     assert [d for d in net.sent_by("a") if d.kind() != "answer"] == []
 
 
@@ -877,7 +934,7 @@ def test_deadline_while_gathering(net: Net) -> None:
     (failure,) = results
     assert isinstance(failure, Failure) and failure.value.code == "timeout"
     assert intro.candidates is None
-    assert tunnel.socket.sock is None
+    assert tunnel.sockets[0].sock is None
 
 
 def test_a_failed_initiator_leaves_no_unhandled_error() -> None:
@@ -903,12 +960,12 @@ def test_cancel(net: Net) -> None:
     error = pair.failure("a")
     assert error.code == "cancelled"
     assert pair.intro.cancelled
-    assert pair.a.socket.sock is None
-    assert pair.a.socket.real.fileno() == -1  # type: ignore[attr-defined]
-    assert pair.a.socket not in net.reactor.readers
+    assert pair.a.sockets[0].sock is None
+    assert pair.a.sockets[0].real.fileno() == -1  # type: ignore[attr-defined]
+    assert pair.a.sockets[0] not in net.reactor.readers
     pair.b.machine.cancel()
     assert pair.failure("b").code == "cancelled"
-    assert pair.b.socket.sock is None
+    assert pair.b.sockets[0].sock is None
     assert net.reactor.getDelayedCalls() == [] and net.reactor.readers == set()
     sent = len(net.log)
     net.run(30.0)
@@ -946,7 +1003,7 @@ def test_refused_introduction(net: Net, error: Exception, code: str, message: st
         assert failure.message == message
     else:
         assert "no answer after 5 sends" in failure.message
-    assert pair.a.socket.sock is None
+    assert pair.a.sockets[0].sock is None
     assert pair.a.machine.describe() == "failed"
 
 
@@ -975,14 +1032,14 @@ def check_from(pair: Pair, *, key: bytes | None, username: bytes | None) -> byte
 )
 def test_checks_must_authenticate(net: Net, case: str) -> None:
     pair = make_pair(net, intro_delay=None)
-    key = derive_tunnel_key(pair.a_key, pair.b_key.public_key(), pair.a.tunnel_id, pair.b.nonce)
-    username = f"{pair.a.id_hex}:a".encode()
+    key = derive_tunnel_key(pair.a_key, pair.b_key.public_key(), pair.a.tunnel_id, nonce_of(pair.b))
+    username = f"{pair.a.core.id_hex}:a".encode()
     data = {
         "valid": lambda: check_from(pair, key=key, username=username),
         "bad integrity": lambda: check_from(
             pair,
             key=derive_tunnel_key(
-                PrivateKey.generate(), pair.b_key.public_key(), pair.a.tunnel_id, pair.b.nonce
+                PrivateKey.generate(), pair.b_key.public_key(), pair.a.tunnel_id, nonce_of(pair.b)
             ),
             username=username,
         ),
@@ -990,7 +1047,9 @@ def test_checks_must_authenticate(net: Net, case: str) -> None:
         "wrong tunnel": lambda: check_from(
             pair, key=key, username=f"{new_tunnel_id().hex()}:a".encode()
         ),
-        "wrong role": lambda: check_from(pair, key=key, username=f"{pair.a.id_hex}:b".encode()),
+        "wrong role": lambda: check_from(
+            pair, key=key, username=f"{pair.a.core.id_hex}:b".encode()
+        ),
         "no username": lambda: check_from(pair, key=key, username=None),
     }[case]()
     pair.eb.arrive(data, STRANGER)
@@ -1005,10 +1064,10 @@ def test_checks_must_authenticate(net: Net, case: str) -> None:
             )
             == STRANGER
         )
-        assert STRANGER in pair.b.remotes
+        assert STRANGER in remotes(pair.b)
     else:
         assert answers == []
-        assert STRANGER not in pair.b.remotes
+        assert STRANGER not in remotes(pair.b)
     assert pair.b.machine.describe() == "checking"
 
 
@@ -1031,7 +1090,7 @@ def test_answers_must_authenticate(net: Net) -> None:
         fingerprint=True,
     )
     pair.ea.arrive(forged, check.dst)
-    assert not pair.a.remotes[check.dst].answered
+    assert not remotes(pair.a)[check.dst].answered
     assert pair.a.machine.describe() == "checking"
 
 
@@ -1078,7 +1137,7 @@ def test_silent_rendezvous_gathers_host_candidates_only(net: Net) -> None:
     assert intro.candidates is None
     assert len([d for d in net.log if d.dst == RENDEZVOUS]) == GATHER_BACKOFF.attempts
     net.run(0.01)
-    assert intro.candidates == [Candidate(CandidateKind.HOST, A_HOST, tunnel.socket.local[1])]
+    assert intro.candidates == [Candidate(CandidateKind.HOST, A_HOST, tunnel.sockets[0].local[1])]
     tunnel.machine.cancel()
     assert isinstance(results[0], Failure)
 
@@ -1109,6 +1168,7 @@ def test_tunnel_socket_peeks_and_release_keeps_the_programs_data() -> None:
         wait_readable(sock)
         sock.doRead()
         assert received == [b"ours 1"]
+        sock.connect(remote)
         sock.peeking = True
         peer.sendto(b"ours 2", sock.local)
         peer.sendto(b"program data", sock.local)
@@ -1140,6 +1200,7 @@ def test_tunnel_socket_release_consumes_queued_stragglers() -> None:
         peer.sendto(b"ours 1", sock.local)
         peer.sendto(b"ours 2", sock.local)
         wait_readable(sock)
+        sock.connect(peer.getsockname())
         handed = sock.release(peer.getsockname(), lambda data, source: data.startswith(b"ours"))
         try:
             handed.setblocking(False)
@@ -1152,6 +1213,41 @@ def test_tunnel_socket_release_consumes_queued_stragglers() -> None:
             handed.close()
     finally:
         peer.close()
+
+
+def test_nothing_from_elsewhere_reaches_the_program_after_connect() -> None:
+    """
+    A stranger floods the tunnel socket before and after the remote is
+    chosen: what came before the connect is consumed, however much of it
+    there is, and nothing from the stranger arrives after it.
+    """
+    reactor = FakeReactor()
+    sock = TunnelSocket(reactor, lambda d, s: None, lambda d, s: False, bind=("127.0.0.1", 0))  # type: ignore[arg-type]
+    peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    stranger = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        peer.bind(("127.0.0.1", 0))
+        stranger.bind(("127.0.0.1", 0))
+        for i in range(200):  # a flood queued before the remote was chosen
+            stranger.sendto(b"injected %d" % i, sock.local)
+        wait_readable(sock)
+        sock.connect(peer.getsockname())
+        for i in range(50):
+            stranger.sendto(b"injected late %d" % i, sock.local)
+        peer.sendto(b"ours", sock.local)
+        peer.sendto(b"program data", sock.local)
+        handed = sock.release(peer.getsockname(), lambda data, source: data.startswith(b"ours"))
+        try:
+            handed.settimeout(1.0)
+            assert handed.recv(2048) == b"program data"
+            stranger.sendto(b"injected after", sock.local)
+            peer.sendto(b"end", sock.local)
+            assert handed.recv(2048) == b"end"
+        finally:
+            handed.close()
+    finally:
+        peer.close()
+        stranger.close()
 
 
 def wait_readable(sock: TunnelSocket) -> None:
@@ -1192,7 +1288,7 @@ def test_the_initiator_moves_on_when_the_responder_gives_up(net: Net) -> None:
     """
     pair = make_pair(net)
     net.run(0.02)
-    assert pair.a.key is not None and pair.a.machine.describe() in ("checking", "nominating")
+    assert key_of(pair.a) is not None and pair.a.machine.describe() in ("checking", "nominating")
     pair.b.machine.cancel()
     net.run(0.1)
     error = pair.failure("a")
@@ -1226,7 +1322,7 @@ def test_an_unsigned_answer_from_the_rendezvous_address_answers_no_check(net: Ne
             fingerprint=True,
         )
         pair.ea.arrive(forged, RENDEZVOUS)
-    assert not any(r.answered for r in pair.a.remotes.values())
+    assert not any(r.answered for r in remotes(pair.a).values())
     assert pair.a.machine.describe() == "checking"
 
 
@@ -1251,11 +1347,11 @@ def test_a_replayed_introduction_gets_a_fresh_tunnel_key(net: Net) -> None:
         remote_candidates=[],
     )
     results = outcome(replayed.result)
-    assert replayed.key is not None and replayed.key != pair.b.key
+    assert key_of(replayed) is not None and key_of(replayed) != key_of(pair.b)
     attacker = ("198.51.100.66", 6666)
-    replayed.socket.endpoint.arrive(old.data, attacker)  # type: ignore[attr-defined]
+    replayed.sockets[0].endpoint.arrive(old.data, attacker)  # type: ignore[attr-defined]
     net.run(0.5)
-    assert attacker not in replayed.remotes
+    assert attacker not in remotes(replayed)
     assert replayed.machine.describe() != "awaiting confirmation"
     replayed.machine.cancel()
     assert isinstance(results[0], Failure)

@@ -1,0 +1,55 @@
+"""
+Gatherers: where a tunnel's local candidates come from besides its host addresses.
+
+A gatherer asks something outside (the rendezvous today; a gateway's port
+mapping or a relay later) which address it sees for the tunnel's socket and
+turns the answer into a candidate of its own kind.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from punchd import stun
+from punchd.agent.tunnel_messages import mapped_address
+from punchd.stun import MessageClass, Method
+from punchd.wire import Candidate, CandidateKind
+
+Address = tuple[str, int]
+
+
+class ReflexiveGatherer(Protocol):
+    """
+    Learns the tunnel socket's public address from a server's answer.
+    """
+
+    @property
+    def server(self) -> Address:
+        "Where the request goes, and the only address an answer may come from."
+
+    def request(self) -> tuple[bytes, bytes]:
+        "A fresh request: its transaction id and bytes."
+
+    def candidate(self, answer: stun.Message) -> Candidate | None:
+        "The candidate an answer (to our request, from the server) yields."
+
+
+@dataclass(frozen=True)
+class PlainBinding:
+    """
+    A standard STUN Binding to the rendezvous: a server-reflexive candidate.
+    """
+
+    server: Address
+
+    def request(self) -> tuple[bytes, bytes]:
+        transaction_id = stun.new_transaction_id()
+        data = stun.build(Method.BINDING, MessageClass.REQUEST, transaction_id, fingerprint=True)
+        return transaction_id, data
+
+    def candidate(self, answer: stun.Message) -> Candidate | None:
+        if answer.method != Method.BINDING or answer.cls != MessageClass.SUCCESS:
+            return None
+        mapped = mapped_address(answer)
+        return None if mapped is None else Candidate(CandidateKind.SRFLX, *mapped)

@@ -1,0 +1,76 @@
+"""
+The initiator's introduction: a Connect through the rendezvous, its answer checked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from punchd import stun, wire
+from punchd.agent.api import TunnelFailed
+from punchd.agent.rendezvous_client import RendezvousClient
+from punchd.agent.roles import Introduced
+from punchd.keys import PublicKey
+from punchd.stun import Attr, Method
+from punchd.wire import Candidate
+
+log = Logger()
+
+
+@dataclass
+class RendezvousIntroducer:
+    """
+    Asks the rendezvous to introduce us to C{peer} for C{service}
+    (an L{punchd.agent.roles.Introducer}).
+    """
+
+    client: RendezvousClient
+    peer: str
+    service: str
+    #: Ask the peer to hold its first checks until ours arrive.
+    wait: bool
+    #: The key configured for the peer, which the rendezvous must vouch for.
+    pinned: PublicKey | None
+    #: Turns the rendezvous' failures into L{TunnelFailed}.
+    explain: Callable[[Failure], Failure]
+
+    def introduce(self, tunnel_id: bytes, candidates: list[Candidate]) -> Deferred[Introduced]:
+        def attributes(transaction_id: bytes) -> list[tuple[int, bytes]]:
+            return [
+                (Attr.PEER, self.peer.encode("ascii")),
+                (Attr.SERVICE, self.service.encode("ascii")),
+                (Attr.TUNNEL_ID, tunnel_id),
+                *wire.encode_candidates(candidates, transaction_id),
+                *([(Attr.WAIT, b"")] if self.wait else []),
+            ]
+
+        d = self.client.request(Method.CONNECT, attributes)
+        return d.addCallback(self.answered).addErrback(self.explain)
+
+    def answered(self, message: stun.Message) -> Introduced:
+        """
+        The peer's candidates, key and nonce from the rendezvous' answer.
+        """
+        raw = message.get(Attr.PUBLIC_KEY)
+        nonce = message.get(Attr.TUNNEL_NONCE)
+        if raw is None or len(raw) != 32:
+            raise TunnelFailed("internal", "the rendezvous sent no usable key for the peer")
+        if nonce is None or len(nonce) != wire.TUNNEL_ID_LENGTH:
+            raise TunnelFailed("internal", "the peer's answer carried no tunnel nonce")
+        key = PublicKey(raw)
+        if self.pinned is not None and self.pinned != key:
+            log.error(
+                "the rendezvous vouched for a key of {peer} that differs from the pinned one",
+                peer=self.peer,
+            )
+            raise TunnelFailed("unauthorized", f"{self.peer}'s key does not match the pinned key")
+        try:
+            candidates = wire.decode_candidates(message)
+        except wire.ProtocolError as e:
+            raise TunnelFailed("internal", f"bad candidates from the rendezvous: {e}") from None
+        return candidates, key, nonce

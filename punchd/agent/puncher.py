@@ -1,0 +1,285 @@
+"""
+The agent's tunnels: punching them for local programs, answering peers'
+introductions, and handing finished tunnels to listeners.
+
+A connect reads as one straight line: the control socket asks L{Puncher.connect},
+which runs one or two rounds (L{Puncher._punch}), each one L{Tunnel} whose
+initiator role introduces itself through a L{RendezvousIntroducer}; the
+tunnel's result is the control socket's answer.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from punchd import stun, wire
+from punchd.agent.api import HandOff, ProgressCallback, TunnelFailed
+from punchd.agent.gatherers import PlainBinding
+from punchd.agent.introducer import RendezvousIntroducer
+from punchd.agent.rendezvous_client import IncomingAnswer, RendezvousClient
+from punchd.agent.roles import Initiator, Responder, Role
+from punchd.agent.tunnel import SocketFactory, Tunnel, new_tunnel_id
+from punchd.agent.tunnel_socket import TunnelSocket
+from punchd.config import AgentConfig
+from punchd.keys import PublicKey
+from punchd.stun import Attr, MessageClass
+from punchd.wire import Candidate
+
+log = Logger()
+
+MAX_TUNNELS = 1024
+MAX_TUNNELS_PER_PEER = 512
+FIRST_ROUND = 1.5
+MIN_SECOND_ROUND = 1.0
+
+#: Turns a failure from the rendezvous into a L{TunnelFailed} for the program.
+Explain = Callable[[Failure], Failure]
+
+
+class Puncher:
+    """
+    The tunnels of one agent, being set up, and the listeners they go to.
+    """
+
+    def __init__(
+        self,
+        settings: AgentConfig,
+        reactor: Any,
+        client: RendezvousClient,
+        addresses: Callable[[], list[str]],
+        sockets: SocketFactory | None = None,
+    ) -> None:
+        self.settings = settings
+        self.reactor = reactor
+        self.client = client
+        self._addresses = addresses
+        self._sockets = sockets or self._tunnel_socket
+        self.tunnels: dict[bytes, Tunnel] = {}
+        self.listeners: dict[str, list[Callable[[HandOff], None]]] = {}
+        self.established = 0
+        self.failed = 0
+
+    def _tunnel_socket(
+        self,
+        family: socket.AddressFamily,
+        received: Callable[[bytes, tuple[str, int]], None],
+        keep: Callable[[bytes, tuple[str, int]], bool],
+    ) -> TunnelSocket:
+        return TunnelSocket(self.reactor, received, keep, family=family)
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "in_progress": len(self.tunnels),
+            "established": self.established,
+            "failed": self.failed,
+        }
+
+    def cancel_all(self) -> None:
+        for tunnel in list(self.tunnels.values()):
+            tunnel.machine.cancel()
+
+    def connect(
+        self,
+        peer: str,
+        service: str,
+        timeout: float,
+        progress: ProgressCallback,
+        explain: Explain,
+    ) -> Deferred[HandOff]:
+        if len(self.tunnels) >= MAX_TUNNELS:
+            d: Deferred[HandOff] = Deferred()
+            d.errback(TunnelFailed("busy", "too many tunnels being set up"))
+            return d
+        return Deferred.fromCoroutine(self._punch(peer, service, timeout, progress, explain))
+
+    async def _punch(
+        self,
+        peer: str,
+        service: str,
+        timeout: float,
+        progress: ProgressCallback,
+        explain: Explain,
+    ) -> HandOff:
+        """
+        Punch with both sides probing at once; if nothing gets through, try
+        again on fresh sockets with the peer waiting for our first check.
+
+        A NAT that accepts unsolicited traffic on its WAN side lets the
+        peer's early probe claim our mapping, which pushes our own traffic
+        to another port (docs/architecture.rst, "NATs in the lab"); the
+        second round, in the other order, gets past a NAT like that on
+        either side.  Round one gives up early only if nothing at all got
+        through, so that round two has time.
+        """
+        started = self.reactor.seconds()
+        first = min(timeout / 2, FIRST_ROUND)
+        try:
+            return await self._round(peer, service, timeout, progress, explain, budget=first)
+        except TunnelFailed as e:
+            left = started + timeout - self.reactor.seconds()
+            if e.code != "unreachable" or left < MIN_SECOND_ROUND:
+                raise
+        progress({"event": "retrying", "reason": "no check got through; we probe first now"})
+        try:
+            hand_off = await self._round(peer, service, left, progress, explain, wait=True)
+        except TunnelFailed as e:
+            if e.code != "unreachable":
+                raise
+            note = "a second round with this side probing first failed too"
+            raise TunnelFailed(e.code, f"{e.message}; {note}") from None
+        hand_off.info["setup_ms"] = round((self.reactor.seconds() - started) * 1000, 3)
+        hand_off.info["rounds"] = 2
+        return hand_off
+
+    def _round(
+        self,
+        peer: str,
+        service: str,
+        timeout: float,
+        progress: ProgressCallback,
+        explain: Explain,
+        wait: bool = False,
+        budget: float | None = None,
+    ) -> Deferred[HandOff]:
+        introducer = RendezvousIntroducer(
+            self.client,
+            peer,
+            service,
+            wait=wait,
+            pinned=self.settings.pinned_peers.get(peer),
+            explain=explain,
+        )
+        tunnel = self._tunnel(
+            Initiator(introducer), peer, service, new_tunnel_id(), timeout, progress, budget
+        )
+        return tunnel.result
+
+    def _tunnel(
+        self,
+        role: Role,
+        peer: str,
+        service: str,
+        tunnel_id: bytes,
+        timeout: float,
+        progress: ProgressCallback = lambda event: None,
+        budget: float | None = None,
+    ) -> Tunnel:
+        server = self.client.server
+        tunnel = Tunnel(
+            clock=self.reactor,
+            sockets=self._sockets,
+            role=role,
+            peer=peer,
+            service=service,
+            tunnel_id=tunnel_id,
+            own_key=self.settings.private_key,
+            timeout=timeout,
+            host_addresses=self._addresses(),
+            gatherer=None if server is None else PlainBinding(server),
+            progress=progress,
+            check_budget=budget,
+        )
+        self.tunnels[tunnel_id] = tunnel
+
+        def done(result: object) -> object:
+            self.tunnels.pop(tunnel_id, None)
+            if isinstance(result, Failure):
+                self.failed += 1
+            else:
+                self.established += 1
+            return result
+
+        tunnel.result.addBoth(done)
+        return tunnel
+
+    def listen(self, service: str, incoming: Callable[[HandOff], None]) -> Callable[[], None]:
+        listeners = self.listeners.setdefault(service, [])
+        listeners.append(incoming)
+
+        def unlisten() -> None:
+            if incoming in listeners:
+                listeners.remove(incoming)
+
+        return unlisten
+
+    # -- introductions from peers ------------------------------------------
+
+    def incoming(self, message: stun.Message) -> Deferred[IncomingAnswer]:
+        try:
+            peer = wire.decode_name(message.get(Attr.PEER), "peer")
+            service = wire.decode_name(message.get(Attr.SERVICE), "service")
+            tunnel_id = wire.decode_tunnel_id(message)
+            candidates = wire.decode_candidates(message)
+            raw_key = message.get(Attr.PUBLIC_KEY)
+            if raw_key is None or len(raw_key) != 32:
+                raise wire.ProtocolError(400, "missing public key")
+        except wire.ProtocolError as e:
+            return succeed((MessageClass.ERROR, wire.error_attributes(e.code, e.reason)))
+        peer_key = PublicKey(raw_key)
+
+        def refuse(code: int, why: str) -> Deferred[IncomingAnswer]:
+            log.info(
+                "refused a tunnel from {peer} for {service}: {why}",
+                peer=peer,
+                service=service,
+                why=why,
+            )
+            return succeed((MessageClass.ERROR, wire.error_attributes(code)))
+
+        if not self.listeners.get(service):
+            return refuse(460, "nothing listens for it")
+        pinned = self.settings.pinned_peers.get(peer)
+        if pinned is not None and pinned != peer_key:
+            return refuse(403, "the peer's key does not match the pinned key")
+        if tunnel_id in self.tunnels:
+            return refuse(403, "duplicate tunnel id")
+        if len(self.tunnels) >= MAX_TUNNELS:
+            return refuse(486, "too many tunnels being set up")
+        if sum(t.peer == peer for t in self.tunnels.values()) >= MAX_TUNNELS_PER_PEER:
+            return refuse(486, "too many tunnels from this peer being set up")
+        role = Responder(
+            peer_key,
+            candidates,
+            nonce=os.urandom(wire.TUNNEL_ID_LENGTH),
+            holds_first_checks=message.has(Attr.WAIT),
+        )
+        tunnel = self._tunnel(role, peer, service, tunnel_id, self.settings.connect_timeout)
+        tunnel.result.addCallbacks(self._deliver(service), lambda f: None)
+
+        def accept(ours: list[Candidate]) -> IncomingAnswer:
+            return (
+                MessageClass.SUCCESS,
+                [
+                    (Attr.TUNNEL_NONCE, role.nonce),
+                    *wire.encode_candidates(ours, message.transaction_id),
+                ],
+            )
+
+        def gave_up(failure: Failure) -> IncomingAnswer:
+            return (MessageClass.ERROR, wire.error_attributes(486))
+
+        return role.answer.addCallbacks(accept, gave_up)
+
+    def _deliver(self, service: str) -> Callable[[HandOff], None]:
+        def deliver(hand_off: HandOff) -> None:
+            listeners = self.listeners.get(service)
+            if not listeners:
+                log.info(
+                    "tunnel {id} for {service} arrived after its listener left; closed",
+                    id=hand_off.info.get("id"),
+                    service=service,
+                )
+                hand_off.sock.close()
+                return
+            listener = listeners.pop(0)
+            listeners.append(listener)
+            listener(hand_off)
+
+        return deliver

@@ -1,0 +1,386 @@
+"""
+What one tunnel knows, and the work its state machine's behaviours ask for.
+
+L{TunnelCore} owns the data (pairs, checks in flight, the chosen pair, round
+trips, confirmations) and does the work through a L{TunnelIO}: it never
+touches a socket itself.  Per-state data (L{StateData}) holds what belongs to
+one state, timers included; entering a state stops what the previous one
+left running.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from punchd import stun
+from punchd.agent.api import HandOff, ProgressCallback, TunnelFailed
+from punchd.agent.gatherers import ReflexiveGatherer
+from punchd.agent.pairs import Address, Pair, Pairs
+from punchd.agent.tunnel_messages import TunnelSigner, mapped_address
+from punchd.keys import PrivateKey, PublicKey
+from punchd.retransmit import Backoff, RequestTimedOut, Transactions
+from punchd.wire import MAX_CANDIDATES, Candidate, format_address
+
+if TYPE_CHECKING:
+    from punchd.agent.roles import Role
+    from punchd.agent.tunnel import TunnelInputs
+
+log = Logger()
+S = TypeVar("S", bound="StateData")
+
+PACING = 0.02
+GATHER_BACKOFF = Backoff(initial=0.1, maximum=0.4, attempts=5)
+CHECK_BACKOFF = Backoff(initial=0.1, maximum=0.5, attempts=40)
+NOMINATE_BACKOFF = Backoff(initial=0.1, maximum=0.4, attempts=16)
+GRACE = 0.05
+GRACE_MIN = 0.005
+WAIT_LIMIT = 1.0
+WAIT_MIN = 0.02
+LINGER_MIN = 0.005
+LINGER_MAX = 0.5
+TRIGGER_GAP = 0.01
+CONFIRM_COPIES = 3
+ABANDON_COPIES = 2
+ABANDON_TARGETS = 8
+
+
+class TunnelIO(Protocol):
+    """
+    The I/O a tunnel's machine asks of its glue.  Local sockets are numbered;
+    a pair names the one it uses.
+    """
+
+    def local_for(self, host: str) -> int | None:
+        "The socket that speaks C{host}'s address family, if there is one."
+
+    def local_address(self, local: int) -> Address:
+        "Where socket C{local} is bound."
+
+    def send(self, local: int, data: bytes, address: Address) -> None:
+        "Send best effort; errors are only logged."
+
+    def peek(self) -> None:
+        "From now on the peer's program may speak: look before consuming."
+
+    def connect(self, local: int, remote: Address) -> None:
+        "Let only C{remote}'s datagrams reach socket C{local} from now on."
+
+    def replay_early(self) -> None:
+        "The tunnel key is known: handle what arrived before it."
+
+    def release(self, local: int, remote: Address) -> socket.socket:
+        "Give socket C{local}, connected to C{remote}, away; close the others."
+
+    def close(self) -> None:
+        "Close every socket."
+
+
+class Timers:
+    """
+    The timers of one state, cancelled together when the state is left.
+    """
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self.clock = clock
+        self._calls: list[IDelayedCall] = []
+
+    def later(self, delay: float, f: Callable[[], object]) -> IDelayedCall:
+        call = self.clock.callLater(delay, f)
+        self._calls = [c for c in self._calls if c.active()] + [call]
+        return call
+
+    def stop(self) -> None:
+        for call in self._calls:
+            if call.active():
+                call.cancel()
+        self._calls = []
+
+
+@dataclass
+class StateData:
+    """
+    What belongs to one state of the machine.
+    """
+
+    timers: Timers
+
+    def stop(self) -> None:
+        self.timers.stop()
+
+
+@dataclass
+class TunnelCore:
+    """
+    Everything one tunnel knows; the machine's behaviours work on it.
+    """
+
+    clock: IReactorTime
+    io: TunnelIO
+    role: Role
+    peer: str
+    service: str
+    tunnel_id: bytes
+    own_key: PrivateKey
+    local_candidates: list[Candidate]
+    gatherer: ReflexiveGatherer | None
+    progress: ProgressCallback
+    result: Deferred[HandOff]
+    #: How long round one may probe before giving up when nothing got through.
+    check_budget: float | None = None
+    started_at: float = 0.0
+    pairs: Pairs = field(default_factory=Pairs)
+    signer: TunnelSigner | None = None
+    srflx: Candidate | None = None
+    #: The pair being nominated or handed off, and since when.
+    chosen: Pair | None = None
+    chosen_at: float = 0.0
+    #: Why the chosen pair's socket could not be connected, if it could not.
+    connect_error: OSError | None = None
+    gather_id: bytes | None = None
+    rendezvous_rtt: float | None = None
+    confirmations: set[bytes] = field(default_factory=set)
+    rtt_samples: list[float] = field(default_factory=list)
+    peer_gave_up: bool = False
+    deadline: IDelayedCall | None = None
+    state: StateData | None = None
+    checks: Transactions[tuple[stun.Message, Address]] = field(init=False)
+    check_targets: dict[bytes, Pair] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.checks = Transactions(self.clock)
+        self.started_at = self.clock.seconds()
+
+    @property
+    def id_hex(self) -> str:
+        return self.tunnel_id.hex()
+
+    # -- states -------------------------------------------------------------
+
+    def timers(self) -> Timers:
+        return Timers(self.clock)
+
+    def enter(self, data: S) -> S:
+        """
+        Leave the current state (stopping what it left running) for C{data}'s.
+        """
+        if self.state is not None:
+            self.state.stop()
+        self.state = data
+        return data
+
+    def later(self, delay: float, f: Callable[[], object]) -> None:
+        "Call C{f} after C{delay}, unless the current state is left first."
+        assert self.state is not None
+        self.state.timers.later(delay, f)
+
+    def end(self) -> None:
+        if self.state is not None:
+            self.state.stop()
+            self.state = None
+        if self.deadline is not None and self.deadline.active():
+            self.deadline.cancel()
+        self.checks.cancel_all()
+
+    # -- candidates and keys -------------------------------------------------
+
+    def candidates(self) -> list[Candidate]:
+        result = list(self.local_candidates)
+        if self.srflx is not None and self.srflx.address not in {c.address for c in result}:
+            result.append(self.srflx)
+        return result[:MAX_CANDIDATES]
+
+    def add_remotes(self, candidates: list[Candidate]) -> None:
+        for candidate in candidates:
+            local = self.io.local_for(candidate.host)
+            self.pairs.add(1 if local is None else local, candidate)
+
+    def learn_key(self, peer_key: PublicKey, nonce: bytes) -> None:
+        self.signer = TunnelSigner.derive(
+            self.own_key, peer_key, self.tunnel_id, nonce, initiator=self.role.nominates
+        )
+        self.io.replay_early()
+
+    def gather(self, m: TunnelInputs) -> None:
+        """
+        Learn our server-reflexive address from the rendezvous, as seen
+        from this very socket.
+        """
+        gatherer = self.gatherer
+        local = None if gatherer is None else self.io.local_for(gatherer.server[0])
+        if gatherer is None or local is None:
+            m.gathered(None)
+            return
+        transaction_id, request = gatherer.request()
+        self.gather_id = transaction_id
+        sent_at = [self.clock.seconds()]
+
+        def send() -> None:
+            sent_at[0] = self.clock.seconds()
+            self.io.send(local, request, gatherer.server)
+
+        def mapped(answer: tuple[stun.Message, Address]) -> None:
+            self.rendezvous_rtt = self.clock.seconds() - sent_at[0]
+            m.gathered(gatherer.candidate(answer[0]))
+
+        def unmapped(failure: Failure) -> None:
+            if failure.check(RequestTimedOut):
+                log.info(
+                    "tunnel {id}: no server-reflexive address (rendezvous silent)", id=self.id_hex
+                )
+                m.gathered(None)
+
+        self.checks.start(transaction_id, send, GATHER_BACKOFF).addCallbacks(mapped, unmapped)
+
+    # -- timing --------------------------------------------------------------
+
+    def wait_time(self) -> float:
+        """
+        How long a responder told to wait holds its first checks: long enough
+        for our answer to reach the initiator through the rendezvous and its
+        first checks to leave its NAT (the checks themselves may never get
+        here: our own NAT drops them until we have sent).
+        """
+        rtt = self.rendezvous_rtt if self.rendezvous_rtt is not None else WAIT_LIMIT / 4
+        return min(WAIT_LIMIT, max(WAIT_MIN, 3 * rtt + 0.01))
+
+    def grace(self, pair: Pair) -> float:
+        """
+        How long to wait for a better pair after C{pair} answered: all first
+        checks left together, so a better path answers within about one more
+        round trip of this one, or not at all.
+        """
+        return min(GRACE, max(GRACE_MIN, 2 * (pair.rtt or 0.0)))
+
+    def linger_time(self) -> float:
+        """
+        How long to keep reading before the hand-off: our own late answers and
+        the peer's stragglers trail by up to the path's jitter, which the
+        slowest round trip we measured bounds.  Capped, because on a busy
+        agent the measured RTT is mostly its own queueing.
+        """
+        rtts = self.pairs.rtts() + self.rtt_samples
+        rtt = max(rtts) if rtts else 0.05
+        return min(LINGER_MAX, max(LINGER_MIN, 2 * rtt + 0.002))
+
+    # -- endings -------------------------------------------------------------
+
+    def connect_chosen(self) -> None:
+        """
+        Let only the chosen remote reach its socket from now on, and start
+        looking before consuming: the peer's program may speak next.
+        """
+        pair = self.chosen
+        assert pair is not None
+        try:
+            self.io.connect(pair.local, pair.address)
+        except OSError as e:
+            self.connect_error = e
+        self.io.peek()
+
+    def send_confirm(self) -> None:
+        assert self.signer is not None and self.chosen is not None
+        for _ in range(CONFIRM_COPIES):
+            self.io.send(self.chosen.local, self.signer.confirm(), self.chosen.address)
+
+    def send_abandon(self) -> None:
+        """
+        Tell the peer, best effort, over the paths that worked, that this
+        tunnel is over: it stops probing and hands nothing to its program.
+        """
+        if self.signer is None or self.peer_gave_up:
+            return
+        if self.chosen is not None:
+            targets = [self.chosen]
+        else:
+            targets = [p for p in self.pairs if p.answered or p.heard]
+        for pair in targets[:ABANDON_TARGETS]:
+            for _ in range(ABANDON_COPIES):
+                self.io.send(pair.local, self.signer.abandon(), pair.address)
+
+    def hand_off(self) -> None:
+        pair = self.chosen
+        assert pair is not None
+        self.end()
+        self.role.last_words(self)
+        try:
+            if self.connect_error is not None:
+                raise self.connect_error
+            sock = self.io.release(pair.local, pair.address)
+        except OSError as e:
+            why = e.strerror or str(e)
+            self.fail(TunnelFailed("internal", f"the tunnel socket could not be handed off: {why}"))
+            return
+        info = self.describe(pair)
+        log.info(
+            "tunnel {id} to {peer} for {service}: direct via {remote} "
+            "({local_kind} -> {remote_kind}) in {setup_ms} ms",
+            id=self.id_hex[:12],
+            peer=self.peer,
+            service=self.service,
+            remote=info["remote"],
+            local_kind=info["candidates"]["local"],
+            remote_kind=info["candidates"]["remote"],
+            setup_ms=info["setup_ms"],
+        )
+        self.result.callback(HandOff(sock, info))
+
+    def describe(self, pair: Pair) -> dict[str, Any]:
+        """
+        The tunnel as its program sees it.
+        """
+        local = pair.mapped or self.io.local_address(pair.local)
+        return {
+            "id": self.id_hex,
+            "peer": self.peer,
+            "service": self.service,
+            "role": self.role.name,
+            "local": format_address(local),
+            "remote": format_address(pair.address),
+            "path": "direct",
+            "candidates": {"local": self.local_kind(pair), "remote": pair.remote.kind.label},
+            "rtt_ms": round((pair.rtt or 0.0) * 1000, 3),
+            "setup_ms": round((self.clock.seconds() - self.started_at) * 1000, 3),
+        }
+
+    def local_kind(self, pair: Pair) -> str:
+        if pair.mapped is None:
+            return "srflx" if self.srflx is not None else "host"
+        if pair.mapped in {c.address for c in self.local_candidates}:
+            return "host"
+        if self.srflx is not None and pair.mapped == self.srflx.address:
+            return "srflx"
+        return "prflx"
+
+    def fail(self, error: TunnelFailed) -> None:
+        self.end()
+        self.send_abandon()
+        self.io.close()
+        log.info(
+            "tunnel {id} to {peer} for {service} failed after {ms} ms: {code}: {message}",
+            id=self.id_hex[:12],
+            peer=self.peer,
+            service=self.service,
+            ms=round((self.clock.seconds() - self.started_at) * 1000),
+            code=error.code,
+            message=error.message,
+        )
+        if not self.result.called:
+            self.result.errback(error)
+        self.role.ended(error)
+
+
+def answer_mapped(pair: Pair, message: stun.Message) -> None:
+    """
+    Remember our address as the peer saw it in its answer on C{pair}.
+    """
+    mapped = mapped_address(message)
+    if mapped is not None:
+        pair.mapped = mapped
