@@ -23,7 +23,7 @@ import sys
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, NoReturn, TypeVar, dataclass_transform
+from typing import IO, Any, NoReturn, TypeVar, dataclass_transform
 
 from punchd import checks
 from punchd.checks import NAME_RULE, Check, Invalid, Place, show
@@ -60,12 +60,12 @@ class ConfigError(Exception):
 EX_CONFIG = 78
 
 
-def refuse_to_start(program: str, message: str) -> NoReturn:
+def refuse_to_start(program: str, message: str, stream: IO[str] | None = None) -> NoReturn:
     """
-    Say what is wrong with the configuration in one line and exit, before
-    anything listens.
+    Say what is wrong with the configuration in one line (on stderr unless
+    C{stream} is given) and exit, before anything listens.
     """
-    sys.stderr.write(f"{program}: {message}\n")
+    (stream or sys.stderr).write(f"{program}: {message}\n")
     raise SystemExit(EX_CONFIG)
 
 

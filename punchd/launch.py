@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any, NoReturn, Protocol, TypeVar
 
@@ -149,7 +150,8 @@ class DaemonService(LoggingService):
         pidfile = self._launcher.get("pidfile")
         if pidfile:
             _remove_own_pidfile(pidfile)
-        refuse_to_start(self._program, message)
+        # twistd sends sys.stderr to its log by now; the line goes to the terminal.
+        refuse_to_start(self._program, message, sys.__stderr__)
 
 
 def _remove_own_pidfile(path: str) -> None:
