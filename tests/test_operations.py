@@ -38,6 +38,7 @@ from twisted.logger import eventFromJSON, formatEvent
 
 from punchd import client
 from punchd.config import AgentConfig, RendezvousConfig, load_peers
+from punchd.config import settings as settings_of
 from punchd.keys import PrivateKey, write_private_key
 from punchd.netlab.deployment import Deployment, free_udp_port
 
@@ -939,6 +940,13 @@ CONFIG_ERRORS: list[tuple[str, str, Callable[[Path], object], str, str]] = [
     ),
     (
         "punch-agent",
+        "a group this system lacks",
+        lambda c: _append(c, 'allow_groups = ["punchd-no-such-group"]\n'),
+        "agent.toml",
+        "allow_groups",
+    ),
+    (
+        "punch-agent",
         "bad pinned peers",
         lambda c: _append(c, '[peers.bob]\npublic_key = "not-a-key"\n'),
         "agent.toml",
@@ -1092,6 +1100,30 @@ def test_two_foreground_daemons_run_from_one_directory(tmp_path: Path) -> None:
     # twistd ends by re-raising the signal that stopped it.
     assert {rendezvous.returncode, agent.returncode} <= {0, -signal.SIGTERM}
     assert not [p for p in pidfiles.values() if p.exists()]
+
+
+@pytest.mark.parametrize(
+    ("daemon", "cls"), [("rendezvous", RendezvousConfig), ("punch-agent", AgentConfig)]
+)
+def test_help_shows_every_option_and_its_default(daemon: str, cls: type) -> None:
+    """
+    C{twistd DAEMON --help} lists an option for each setting that has one
+    (allow_users and allow_groups included), with its default.
+    """
+    text = subprocess.run(
+        [str(BIN / "twistd"), daemon, "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    flat = " ".join(text.split())
+    for s in settings_of(cls).values():
+        if not s.option:
+            assert s.option_name not in text
+            continue
+        assert re.search(rf"^ +(-\w, )?{s.option_name}=", text, re.MULTILINE), s.option_name
+        if not s.required:
+            shown = f"{s.default:g}" if isinstance(s.default, float) else str(s.default or '""')
+            assert f"{' '.join(s.help.split())} Default: {shown}" in flat, s.option_name
+    if daemon == "punch-agent":
+        assert "--allow-users=" in text and "--allow-groups=" in text
 
 
 def test_a_udp_port_in_use_stops_the_rendezvous_with_one_line(tmp_path: Path) -> None:
