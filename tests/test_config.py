@@ -6,7 +6,9 @@ the file and key (or option) at fault.
 from __future__ import annotations
 
 import dataclasses
+import grp
 import os
+import pwd
 import re
 import tomllib
 from collections.abc import Callable
@@ -23,6 +25,7 @@ from punchd.config import (
     load_agent_config,
     load_peers,
     load_rendezvous_config,
+    settings,
 )
 from punchd.keys import PrivateKey, PublicKey, write_private_key
 
@@ -56,6 +59,13 @@ AGENT_MINIMAL = (
     f'rendezvous_public_key = "{SERVER.public_key()}"\n'
 )
 
+
+#: A user and a group every system has (allow lists must name existing ones).
+USER = pwd.getpwuid(0).pw_name
+GROUP = grp.getgrgid(0).gr_name
+#: Names no system has.
+NO_USER = "punchd-no-such-user"
+NO_GROUP = "punchd-no-such-group"
 
 USERS = "key 'allow_users': must be an array of user names or numeric ids, got "
 
@@ -411,13 +421,13 @@ def test_agent_every_key(conf: Path) -> None:
     path = write(
         conf / "a.toml",
         AGENT_MINIMAL + 'control_socket = "run/agent.sock"\nkeepalive = 5\nconnect_timeout = 0.5\n'
-        'allow_users = ["bob", 1001]\nallow_groups = [0, "wheel"]\nlog_format = "json"\n',
+        f'allow_users = ["{USER}", 1001]\nallow_groups = [0, "{GROUP}"]\nlog_format = "json"\n',
     )
     config = load_agent_config(path, {})
     assert config.control_socket == str(conf / "run" / "agent.sock")
     assert (config.keepalive, config.connect_timeout) == (5.0, 0.5)
-    assert config.allow_users == ("bob", "1001")
-    assert config.allow_groups == ("0", "wheel")
+    assert config.allow_users == (USER, "1001")
+    assert config.allow_groups == ("0", GROUP)
     assert config.log_format == "json"
 
 
@@ -429,7 +439,7 @@ def test_agent_overrides(conf: Path) -> None:
             "name": "carol",
             "rendezvous": "[2001:db8::1]:4000",
             "keepalive": "30",
-            "allow_users": "dave, 1002",
+            "allow_users": f"{USER}, 1002",
             "allow_groups": "",
             "control_socket": "agent.sock",
         },
@@ -437,7 +447,7 @@ def test_agent_overrides(conf: Path) -> None:
     assert config.name == "carol"
     assert config.rendezvous == ("2001:db8::1", 4000)
     assert config.keepalive == 30.0
-    assert config.allow_users == ("dave", "1002")
+    assert config.allow_users == (USER, "1002")
     assert config.allow_groups == ()
     assert config.control_socket == os.path.join(os.getcwd(), "agent.sock")
 
@@ -547,6 +557,14 @@ def test_agent_bare_ipv6_hint(conf: Path) -> None:
             USERS + "1.5 in the array",
         ),
         ("allow_groups = [[0]]", "key 'allow_groups': must be an array of group names"),
+        (
+            f'allow_users = ["{USER}", "{NO_USER}"]',
+            f"key 'allow_users': no user named '{NO_USER}' on this system",
+        ),
+        (
+            f'allow_groups = ["{NO_GROUP}"]',
+            f"key 'allow_groups': no group named '{NO_GROUP}' on this system",
+        ),
         ("control_socket = 1", "key 'control_socket': must be a file path, got 1"),
         (
             f'control_socket = "/{"s" * 107}"',
@@ -588,6 +606,7 @@ def test_agent_missing_required_keys(conf: Path) -> None:
         ({"connect_timeout": "nan"}, "--connect-timeout: must be a number 0.1-600, got nan"),
         ({"allow_users": "alice,,bob"}, "--allow-users: must be an array of user names"),
         ({"allow_groups": "a b"}, "--allow-groups: must be an array of group names"),
+        ({"allow_groups": f"0,{NO_GROUP}"}, f"--allow-groups: no group named '{NO_GROUP}'"),
         ({"rendezvous": "nowhere"}, '--rendezvous: must be "host:port"'),
         ({"rendezvous_public_key": "zz"}, "--rendezvous-public-key: must be a base64 X25519"),
     ],
@@ -655,27 +674,35 @@ def test_example_key_paths_are_relative() -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "cls", "derived"),
-    [
-        ("rendezvous.toml", RendezvousConfig, {"private_key_path", "peers_path"}),
-        ("agent.toml", AgentConfig, {"private_key_path", "pinned_peers"}),
-    ],
+    ("name", "cls"), [("rendezvous.toml", RendezvousConfig), ("agent.toml", AgentConfig)]
 )
-def test_examples_document_every_key(name: str, cls: type, derived: set[str]) -> None:
+def test_examples_document_every_key(name: str, cls: type) -> None:
     """
     Every key is in the example; an optional one appears commented out with
     its default value, so that the example doubles as the reference.
     """
     text = (EXAMPLES / name).read_text()
-    for f in dataclasses.fields(cls):
-        if f.name in derived:
+    for s in settings(cls).values():
+        if s.required:
+            assert re.search(rf"^{s.key} = ", text, re.MULTILINE), s.key
             continue
-        if f.default is dataclasses.MISSING:
-            assert re.search(rf"^{f.name} = ", text, re.MULTILINE), f.name
+        if isinstance(s.default, dict):  # tables
+            assert re.search(rf"^# \[{s.key}\.", text, re.MULTILINE), s.key
             continue
-        match = re.search(rf"^# {f.name} = (.*)$", text, re.MULTILINE)
-        assert match, f.name
+        match = re.search(rf"^# {s.key} = (.*)$", text, re.MULTILINE)
+        assert match, s.key
         value = tomllib.loads(f"v = {match.group(1)}")["v"]
-        default = list(f.default) if isinstance(f.default, tuple) else f.default
-        assert value == default, f.name
-        assert f"Default: {match.group(1)}." in text, f.name
+        default = list(s.default) if isinstance(s.default, tuple) else s.default
+        assert value == default, s.key
+        assert f"Default: {match.group(1)}." in text, s.key
+
+
+@pytest.mark.parametrize("cls", [RendezvousConfig, AgentConfig])
+def test_every_field_is_a_setting_or_derived(cls: type) -> None:
+    """
+    The settings table is the fields declared with setting(); the others are
+    what the loader derives (the key itself, the rendezvous's peers).
+    """
+    derived = {f.name for f in dataclasses.fields(cls)} - {s.field for s in settings(cls).values()}
+    assert derived <= {"private_key", "peers"}
+    assert all(s.help.endswith(".") for s in settings(cls).values())

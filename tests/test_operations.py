@@ -38,6 +38,7 @@ from twisted.logger import eventFromJSON, formatEvent
 
 from punchd import client
 from punchd.config import AgentConfig, RendezvousConfig, load_peers
+from punchd.config import settings as settings_of
 from punchd.keys import PrivateKey, write_private_key
 from punchd.netlab.deployment import Deployment, free_udp_port
 
@@ -51,6 +52,8 @@ BIN = Path(sys.executable).parent
 TWISTD = [str(BIN / "twistd"), "-n", "--pidfile="]
 TWIST = [str(BIN / "twist")]
 IN_CI = os.environ.get("CI") == "true"
+#: Seconds a daemon may take to start, or to refuse to: generous, for a busy machine.
+STARTING = 60
 #: Environment variables that change how the daemons log.
 LOG_ENV = ("JOURNAL_STREAM", "PUNCHD_DEBUG")
 
@@ -939,6 +942,13 @@ CONFIG_ERRORS: list[tuple[str, str, Callable[[Path], object], str, str]] = [
     ),
     (
         "punch-agent",
+        "a group this system lacks",
+        lambda c: _append(c, 'allow_groups = ["punchd-no-such-group"]\n'),
+        "agent.toml",
+        "allow_groups",
+    ),
+    (
+        "punch-agent",
         "bad pinned peers",
         lambda c: _append(c, '[peers.bob]\npublic_key = "not-a-key"\n'),
         "agent.toml",
@@ -993,15 +1003,15 @@ def test_config_errors_stop_the_daemons_with_one_line(tmp_path: Path) -> None:
         for daemon, case, file, key, config, port, out, secret, process, started in runs:
             what = f"{daemon}, {case}"
             if case == "valid":
-                wait_for(lambda: _listening(daemon, config, port), 15, f"{what} to listen")  # noqa: B023
+                wait_for(lambda: _listening(daemon, config, port), STARTING, f"{what} to listen")  # noqa: B023
                 assert process.poll() is None, what
                 continue
             try:
                 # Generous for a loaded machine: a daemon that got past its
                 # config would run on and fail this.
-                process.wait(max(0.1, started + 20 - time.monotonic()))
+                process.wait(max(0.1, started + STARTING - time.monotonic()))
             except subprocess.TimeoutExpired:
-                pytest.fail(f"{what}: still running after 20 s: {out.read_text()}")
+                pytest.fail(f"{what}: still running after {STARTING} s: {out.read_text()}")
             text = out.read_text()
             lines = [line for line in text.splitlines() if line.strip()]
             assert process.returncode == 78, f"{what}: exit {process.returncode} is not EX_CONFIG"
@@ -1018,6 +1028,162 @@ def test_config_errors_stop_the_daemons_with_one_line(tmp_path: Path) -> None:
             if process.poll() is None:
                 process.terminate()
                 process.wait(10)
+
+
+# -- starting up -------------------------------------------------------------
+
+
+def _daemon(argv: list[str], cwd: Path, out: Path | None = None) -> subprocess.Popen[bytes]:
+    """
+    Start C{twistd -n ARGV} in C{cwd}, as a user would: no --pidfile.  Its
+    output goes to C{out} (stdout and stderr together) or to C{cwd}/out and
+    C{cwd}/err.
+    """
+    env = {k: v for k, v in os.environ.items() if k not in LOG_ENV}
+    if out is not None:
+        with out.open("wb") as both:
+            return subprocess.Popen(
+                [str(BIN / "twistd"), "-n", *argv], cwd=cwd, stdout=both, stderr=both, env=env
+            )
+    with (cwd / "out").open("wb") as stdout, (cwd / "err").open("wb") as stderr:
+        return subprocess.Popen(
+            [str(BIN / "twistd"), "-n", *argv], cwd=cwd, stdout=stdout, stderr=stderr, env=env
+        )
+
+
+def _stop(*processes: subprocess.Popen[bytes]) -> None:
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+    for process in processes:
+        process.wait(STARTING)
+
+
+def _refused(process: subprocess.Popen[bytes], output: Path) -> str:
+    """
+    The one line a daemon that refused to start printed, checked to have
+    come with EX_CONFIG and no traceback.
+    """
+    try:
+        process.wait(STARTING)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"still running after {STARTING} s: {output.read_text()}")
+    text = output.read_text()
+    assert process.returncode == 78, f"exit {process.returncode}, not EX_CONFIG: {text}"
+    assert "Traceback" not in text
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert len(lines) == 1, text
+    return lines[0]
+
+
+def test_two_foreground_daemons_run_from_one_directory(tmp_path: Path) -> None:
+    """
+    The README's two commands, as printed, from one directory: each daemon
+    has a pid file of its own, and removes it when it stops.
+    """
+    port = free_udp_port()
+    _valid_rendezvous(tmp_path, port)
+    _valid_agent(tmp_path)
+    _replace(tmp_path / "agent.toml", "rendezvous", f'rendezvous = "127.0.0.1:{port}"')
+    rendezvous = _daemon(["rendezvous", "--config", "rendezvous.toml"], tmp_path, tmp_path / "r")
+    agent = _daemon(["punch-agent", "--config", "agent.toml"], tmp_path, tmp_path / "a")
+    pidfiles = {rendezvous: tmp_path / "rendezvous.pid", agent: tmp_path / "punch-agent.pid"}
+    try:
+        for process, pidfile in pidfiles.items():
+            written = lambda p=pidfile: p.exists() and bool(p.read_text().strip())  # noqa: E731
+            wait_for(written, STARTING, str(pidfile))
+            assert pidfile.read_text().strip() == str(process.pid)
+        wait_for(
+            lambda: _listening("rendezvous", tmp_path / "rendezvous.toml", port), STARTING, "UDP"
+        )
+        wait_for(
+            lambda: _listening("punch-agent", tmp_path / "agent.toml", port), STARTING, "socket"
+        )
+        assert rendezvous.poll() is None, (tmp_path / "r").read_text()
+        assert agent.poll() is None, (tmp_path / "a").read_text()
+        assert not (tmp_path / "twistd.pid").exists()
+    finally:
+        _stop(rendezvous, agent)
+    # twistd ends by re-raising the signal that stopped it.
+    assert {rendezvous.returncode, agent.returncode} <= {0, -signal.SIGTERM}
+    assert not [p for p in pidfiles.values() if p.exists()]
+
+
+@pytest.mark.parametrize(
+    ("daemon", "cls"), [("rendezvous", RendezvousConfig), ("punch-agent", AgentConfig)]
+)
+def test_help_shows_every_option_and_its_default(daemon: str, cls: type) -> None:
+    """
+    C{twistd DAEMON --help} lists an option for each setting that has one
+    (allow_users and allow_groups included), with its default.
+    """
+    text = subprocess.run(
+        [str(BIN / "twistd"), daemon, "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    flat = " ".join(text.split())
+    for s in settings_of(cls).values():
+        if not s.option:
+            assert s.option_name not in text
+            continue
+        assert re.search(rf"^ +(-\w, )?{s.option_name}=", text, re.MULTILINE), s.option_name
+        if not s.required:
+            shown = f"{s.default:g}" if isinstance(s.default, float) else str(s.default or '""')
+            assert f"{' '.join(s.help.split())} Default: {shown}" in flat, s.option_name
+    if daemon == "punch-agent":
+        assert "--allow-users=" in text and "--allow-groups=" in text
+
+
+def test_a_udp_port_in_use_stops_the_rendezvous_with_one_line(tmp_path: Path) -> None:
+    port = free_udp_port()
+    config = _valid_rendezvous(tmp_path, port)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", port))
+        process = _daemon(["rendezvous", "--config", str(config)], tmp_path, tmp_path / "out")
+        line = _refused(process, tmp_path / "out")
+    assert line == f"rendezvous: cannot listen on UDP 127.0.0.1:{port}: Address already in use"
+    assert not (tmp_path / "rendezvous.pid").exists()
+
+
+def test_a_live_agents_socket_stops_another_agent_with_one_line(tmp_path: Path) -> None:
+    """
+    A second agent with the same config (from another directory, so that
+    the pid files differ) finds the first one's control socket taken.
+    """
+    config = _valid_agent(tmp_path)
+    first = _daemon(["punch-agent", "--config", str(config)], tmp_path, tmp_path / "first")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    try:
+        wait_for(lambda: _listening("punch-agent", config, 0), STARTING, "the first agent")
+        second = _daemon(["punch-agent", "--config", str(config)], elsewhere, elsewhere / "out")
+        line = _refused(second, elsewhere / "out")
+        assert first.poll() is None
+    finally:
+        _stop(first)
+    assert line == f"punch-agent: another agent is already listening on {tmp_path / 'agent.sock'}"
+    assert not (elsewhere / "punch-agent.pid").exists()
+
+
+def test_a_socket_that_cannot_be_made_stops_the_agent_with_one_line(tmp_path: Path) -> None:
+    """
+    Where the control socket cannot be made shows only when the agent
+    starts listening, after twistd wrote its pid file and started logging:
+    still one error line (on stderr), EX_CONFIG, and no pid file left.
+    """
+    config = _valid_agent(tmp_path)
+    _replace(config, "control_socket", 'control_socket = "/sys/punchd-test.sock"')
+    process = _daemon(["punch-agent", "--config", str(config)], tmp_path)
+    try:
+        process.wait(STARTING)
+    except subprocess.TimeoutExpired:
+        _stop(process)
+        pytest.fail(f"still running after {STARTING} s")
+    err = (tmp_path / "err").read_text()
+    assert "Traceback" not in err + (tmp_path / "out").read_text()
+    assert process.returncode == 78, err
+    (line,) = err.splitlines()
+    assert line.startswith("punch-agent: cannot listen on /sys/punchd-test.sock: "), line
+    assert not (tmp_path / "punch-agent.pid").exists()
 
 
 # -- logs ------------------------------------------------------------------------

@@ -5,7 +5,7 @@ twistd plugin glue for the agent: C{twistd -n punch-agent --config FILE}.
 from __future__ import annotations
 
 import os
-from typing import Any, NoReturn
+from typing import Any
 
 from twisted.application import service
 from twisted.internet.defer import Deferred
@@ -19,70 +19,28 @@ from punchd.agent.control import (
     clear_stale_socket,
 )
 from punchd.agent.core import Agent
-from punchd.config import AgentConfig, ConfigError, load_agent_config, refuse_to_start
-from punchd.logs import LoggingService, adopt_launcher, notify_ready
+from punchd.config import AgentConfig, load_agent_config, refuse_to_start
+from punchd.launch import DaemonService, configure, option_parameters
 
-OVERRIDABLE = (
-    "name",
-    "private-key",
-    "rendezvous",
-    "rendezvous-public-key",
-    "control-socket",
-    "keepalive",
-    "connect-timeout",
-    "log-format",
-)
+PROGRAM = "punch-agent"
 
 
 class Options(usage.Options):
     """
-    Command-line options; each overrides the config key of the same name.
+    C{--config FILE}, and an option per config key (L{option_parameters}).
     """
 
     synopsis = "[--config FILE] [options]"
     longdesc = (
         "The punchd agent: registers with a rendezvous server, punches direct UDP "
         "paths to peers, and hands the connected sockets to local programs over "
-        "its control socket."
+        "its control socket.  Each option overrides the config key of the same "
+        "name, with '-' for '_'."
     )
-    optParameters = [
-        ["config", "c", None, "TOML config file (keys: name, private_key, rendezvous, ...)."],
-        ["name", "n", None, "This agent's name, as the rendezvous's peers file lists it."],
-        ["private-key", "k", None, "This agent's private key file (config key 'private_key')."],
-        ["rendezvous", "r", None, "The rendezvous server, host:port (config key 'rendezvous')."],
-        [
-            "rendezvous-public-key",
-            None,
-            None,
-            "The rendezvous server's public key, base64 (config key 'rendezvous_public_key').",
-        ],
-        [
-            "control-socket",
-            "s",
-            None,
-            "Unix socket for local programs (default /run/punchd/agent.sock).",
-        ],
-        ["keepalive", None, None, "Seconds between registration refreshes (default 20)."],
-        ["connect-timeout", None, None, "Default seconds a tunnel may take (default 10)."],
-        [
-            "log-format",
-            None,
-            None,
-            "text or json: JSON lines on stdout, for log collectors (default text).",
-        ],
-    ]
+    optParameters = option_parameters(AgentConfig)
 
     def postOptions(self) -> None:
-        overrides = {key.replace("-", "_"): self[key] for key in OVERRIDABLE}
-        try:
-            self["settings"] = load_agent_config(self["config"], overrides)
-        except ConfigError as e:
-            _die(str(e))
-        adopt_launcher(self, self["settings"].log_format)
-
-
-def _die(message: str) -> NoReturn:
-    refuse_to_start("punch-agent", message)
+        self["settings"] = configure(self, PROGRAM, AgentConfig, load_agent_config)
 
 
 class AgentService(service.Service):
@@ -96,11 +54,24 @@ class AgentService(service.Service):
     def startService(self) -> None:
         super().startService()  # type: ignore[no-untyped-call]
         self.agent.start()
-        notify_ready()
 
     def stopService(self) -> Deferred[None] | None:
         super().stopService()  # type: ignore[no-untyped-call]
         return self.agent.stop()
+
+
+def _check_control_socket(path: str) -> None:
+    """
+    Refuse, before anything starts, a control socket that cannot be ours: a
+    missing directory, a file that is not a socket, or a live agent's.
+    """
+    directory = os.path.dirname(path) or "."
+    if not os.path.isdir(directory):
+        raise ControlSocketError(
+            f"the directory of control_socket {path} does not exist "
+            "(systemd's RuntimeDirectory=punchd creates /run/punchd)"
+        )
+    clear_stale_socket(path)
 
 
 def makeService(config: Options, reactor: Any = None) -> service.IService:
@@ -112,17 +83,13 @@ def makeService(config: Options, reactor: Any = None) -> service.IService:
     path = settings.control_socket
     try:
         authorizer = Authorizer(settings.allow_users, settings.allow_groups)
-        directory = os.path.dirname(path) or "."
-        if not os.path.isdir(directory):
-            raise ControlSocketError(
-                f"the directory of control_socket {path} does not exist "
-                "(systemd's RuntimeDirectory=punchd creates /run/punchd)"
-            )
-        clear_stale_socket(path)
+        _check_control_socket(path)
     except (ControlSocketError, ValueError, KeyError) as e:
-        _die(str(e))
+        refuse_to_start(PROGRAM, str(e))
     agent = Agent(settings, reactor)
-    parent = LoggingService(settings.log_format)
+    parent = DaemonService(
+        settings.log_format, PROGRAM, getattr(config, "parent", None), (ControlSocketError,)
+    )
     AgentService(agent).setServiceParent(parent)
     factory = ControlFactory(agent, authorizer, connect_timeout=settings.connect_timeout)
     ControlService(reactor, path, factory).setServiceParent(parent)

@@ -5,10 +5,11 @@ twistd plugin glue for the rendezvous: C{twistd -n rendezvous --config FILE}.
 from __future__ import annotations
 
 import signal
+import socket
 from typing import Any
 
 from twisted.application import internet, service
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -19,96 +20,97 @@ from punchd.config import (
     load_rendezvous_config,
     refuse_to_start,
 )
-from punchd.logs import LoggingService, adopt_launcher, notify_ready
+from punchd.launch import DaemonService, configure, option_parameters
 from punchd.rendezvous.limits import SourceLimiter
 from punchd.rendezvous.registry import MemoryRegistry
 from punchd.rendezvous.server import Directory, RendezvousProtocol
 
 log = Logger()
 
+PROGRAM = "rendezvous"
+
 
 class Options(usage.Options):
     """
-    Command-line options; each overrides the config key of the same name.
+    C{--config FILE}, and an option per config key (L{option_parameters}).
     """
 
     synopsis = "[--config FILE] [options]"
     longdesc = (
         "The punchd rendezvous server: answers STUN Binding requests from anyone "
-        "and introduces registered agents of the same network to each other."
+        "and introduces registered agents of the same network to each other.  "
+        "Each option overrides the config key of the same name, with '-' for '_'."
     )
-    optParameters = [
-        ["config", "c", None, "TOML config file (keys: port, interface, private_key, peers, ...)."],
-        ["port", "p", None, "UDP port to listen on (config key 'port', default 3478)."],
-        [
-            "interface",
-            "i",
-            None,
-            "Address to listen on (config key 'interface'; default all IPv4).",
-        ],
-        ["private-key", "k", None, "The server's private key file (config key 'private_key')."],
-        ["peers", None, None, "The peers file (config key 'peers')."],
-        [
-            "binding-rate",
-            None,
-            None,
-            "Binding replies per second per source IP, 0 for no limit (default 50).",
-        ],
-        ["max-pending", None, None, "Pending introductions allowed per agent (default 256)."],
-        [
-            "registration-lifetime",
-            None,
-            None,
-            "Longest registration lifetime granted, in seconds (default 600).",
-        ],
-        [
-            "log-format",
-            None,
-            None,
-            "text or json: JSON lines on stdout, for log collectors (default text).",
-        ],
-    ]
+    optParameters = option_parameters(RendezvousConfig)
 
     def postOptions(self) -> None:
-        overrides = {
-            key.replace("-", "_"): self[key]
-            for key in (
-                "port",
-                "interface",
-                "private-key",
-                "peers",
-                "binding-rate",
-                "max-pending",
-                "registration-lifetime",
-                "log-format",
-            )
-        }
-        try:
-            self["settings"] = load_rendezvous_config(self["config"], overrides)
-        except ConfigError as e:
-            refuse_to_start("rendezvous", str(e))
-        adopt_launcher(self, self["settings"].log_format)
+        self["settings"] = configure(self, PROGRAM, RendezvousConfig, load_rendezvous_config)
 
 
-class RendezvousService(LoggingService):
+def bind_udp(interface: str, port: int) -> socket.socket:
+    """
+    The rendezvous's UDP socket, bound at once: C{""} is all IPv4
+    interfaces, as for Twisted's C{listenUDP}.
+    """
+    family = socket.AF_INET6 if ":" in interface else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock.bind((interface, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+class UDPService(service.Service):
+    """
+    Serves C{protocol} on an already bound socket while running.  Binding
+    when the service is made, not when it starts, lets a port in use stop
+    the daemon with one line before twistd writes a pid file or logs.
+    """
+
+    def __init__(self, sock: socket.socket, protocol: RendezvousProtocol, reactor: Any) -> None:
+        self._socket = sock
+        self._protocol = protocol
+        self._reactor = reactor
+        self._port: IListeningPort | None = None
+
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
+        self._port = self._reactor.adoptDatagramPort(
+            self._socket.fileno(), self._socket.family, self._protocol, maxPacketSize=2048
+        )
+        self._socket.close()  # the port holds its own duplicate
+
+    def stopService(self) -> Any:
+        super().stopService()  # type: ignore[no-untyped-call]
+        port, self._port = self._port, None
+        return None if port is None else port.stopListening()
+
+
+class RendezvousService(DaemonService):
     """
     The UDP server, its housekeeping timer, and peers-file reload on SIGHUP.
     """
 
     def __init__(
-        self, settings: RendezvousConfig, protocol: RendezvousProtocol, reactor: Any
+        self,
+        settings: RendezvousConfig,
+        protocol: RendezvousProtocol,
+        reactor: Any,
+        sock: socket.socket,
+        launcher: Any = None,
     ) -> None:
-        super().__init__(settings.log_format)
+        super().__init__(settings.log_format, PROGRAM, launcher)
         self.settings = settings
         self.protocol = protocol
         self._reactor = reactor
-        udp = internet.UDPServer(
-            settings.port, protocol, interface=settings.interface, maxPacketSize=2048
-        )
-        udp.setServiceParent(self)
+        UDPService(sock, protocol, reactor).setServiceParent(self)
         internet.TimerService(5.0, protocol.expire).setServiceParent(self)
 
     def startService(self) -> None:
+        signal.signal(signal.SIGHUP, lambda *_: self._reactor.callFromThread(self.reload_peers))
         super().startService()
         log.info(
             "rendezvous listening on UDP {interface}:{port} with {count} peers",
@@ -116,8 +118,6 @@ class RendezvousService(LoggingService):
             port=self.settings.port,
             count=len(self.settings.peers),
         )
-        signal.signal(signal.SIGHUP, lambda *_: self._reactor.callFromThread(self.reload_peers))
-        notify_ready()
 
     def stopService(self) -> Any:
         self.protocol.stop()
@@ -142,6 +142,13 @@ def makeService(config: Options, reactor: Any = None) -> service.IService:
 
         reactor = default_reactor
     settings: RendezvousConfig = config["settings"]
+    try:
+        sock = bind_udp(settings.interface, settings.port)
+    except OSError as e:
+        where = f"[{settings.interface}]" if ":" in settings.interface else settings.interface
+        refuse_to_start(
+            PROGRAM, f"cannot listen on UDP {where or '*'}:{settings.port}: {e.strerror}"
+        )
     # Until startService installs the reload handler, a SIGHUP must not kill us.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     clock: IReactorTime = reactor
@@ -155,4 +162,4 @@ def makeService(config: Options, reactor: Any = None) -> service.IService:
         max_pending=settings.max_pending,
         max_lifetime=settings.registration_lifetime,
     )
-    return RendezvousService(settings, protocol, reactor)
+    return RendezvousService(settings, protocol, reactor, sock, getattr(config, "parent", None))
