@@ -21,17 +21,12 @@ from twisted.internet.task import Clock
 from punchd import stun, wire
 from punchd.config import PeerEntry
 from punchd.keys import PrivateKey, PublicKey, derive_rendezvous_key
+from punchd.rendezvous.answers import RECENT_ANSWER_SECONDS
+from punchd.rendezvous.auth import NONCE_BUCKET, NONCE_BUCKETS_VALID
+from punchd.rendezvous.introductions import INCOMING_BACKOFF
 from punchd.rendezvous.limits import SourceLimiter
 from punchd.rendezvous.registry import MemoryRegistry
-from punchd.rendezvous.server import (
-    INCOMING_BACKOFF,
-    MIN_LIFETIME,
-    NONCE_BUCKET,
-    NONCE_BUCKETS_VALID,
-    RECENT_ANSWER_SECONDS,
-    Directory,
-    RendezvousProtocol,
-)
+from punchd.rendezvous.server import MIN_LIFETIME, Directory, RendezvousProtocol
 from punchd.stun import Attr, MessageClass, Method
 from punchd.wire import Candidate, CandidateKind
 
@@ -194,7 +189,7 @@ class Harness:
 
     def no_state(self) -> None:
         assert self.registry.count == 0
-        assert self.protocol._recent == {}
+        assert len(self.protocol.answers) == 0
         assert self.protocol.pending_introductions() == 0
 
 
@@ -788,7 +783,8 @@ def test_connect_errors(peer: str, change: str | None, code: int) -> None:
     assert error_code(answer) == code
     assert h.protocol.pending_introductions() == 0
     # An error is final, and cached like any answer.
-    assert h.protocol._recent["alice"][answer.transaction_id][2] == answer.raw
+    cached = h.protocol.answers.lookup("alice", answer.transaction_id)
+    assert cached is not None and cached.data == answer.raw
 
 
 @pytest.mark.parametrize("field", [Attr.PEER, Attr.SERVICE], ids=["PEER", "SERVICE"])
@@ -963,7 +959,7 @@ def test_expiry_forgets_silent_agents() -> None:
     h.clock.advance(60 + RECENT_ANSWER_SECONDS)  # past every lifetime world() gave
     h.protocol.expire()
     assert h.registry.count == 0
-    assert h.protocol._recent == {}
+    assert len(h.protocol.answers) == 0
 
 
 def test_reload_drops_removed_and_changed_peers_and_keeps_the_rest() -> None:
@@ -982,7 +978,7 @@ def test_reload_drops_removed_and_changed_peers_and_keeps_the_rest() -> None:
     _, data = carol.request(Method.PEERS)
     sent = h.receive(data, carol.address)
     assert [error_code(stun.parse(d)) for d, _ in sent] == [401]
-    assert "carol" not in h.protocol._recent
+    assert "carol" not in h.protocol.answers.agents()
     # bob's new key works, his old one does not.
     assert error_code(h.ask(rekeyed, Method.PEERS)) == 438
     bob.nonce = None
