@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from punchd import stun, wire
 from punchd.rendezvous.answers import RecentAnswers
 from punchd.rendezvous.auth import AgentRequest, Directory, Gate
+from punchd.rendezvous.gathering import GATHER_BURST, GATHER_RATE, Gathers, looks_signed
 from punchd.rendezvous.introducer import Introducer
 from punchd.rendezvous.introductions import Introductions
 from punchd.rendezvous.limits import Counters, SourceLimiter
@@ -55,6 +56,7 @@ class RendezvousProtocol(DatagramProtocol):
         *,
         binding_limiter: SourceLimiter,
         error_limiter: SourceLimiter,
+        gather_limiter: SourceLimiter | None = None,
         max_pending: int = 256,
         max_lifetime: int = 600,
     ) -> None:
@@ -73,6 +75,11 @@ class RendezvousProtocol(DatagramProtocol):
             self.answers,
             self._send,
             self.introductions.in_progress,
+        )
+        if gather_limiter is None:
+            gather_limiter = SourceLimiter(GATHER_RATE, GATHER_BURST, clock.seconds)
+        self._gathers = Gathers(
+            lambda: self._gate.directory, gather_limiter, self.counters, self._send
         )
         self._introducer = Introducer(
             lambda: self._gate.directory,
@@ -113,6 +120,9 @@ class RendezvousProtocol(DatagramProtocol):
             self.counters["dropped-unexpected"] += 1
 
     def _binding(self, datagram: bytes, source: tuple[str, int]) -> None:
+        # An agent's signed gather is not charged to its IP's anonymous budget.
+        if looks_signed(datagram) and self._gathers.handle(datagram, source):
+            return
         if not self._binding_limiter.allow(source[0]):
             self.counters["binding-rate-limited"] += 1
             return

@@ -20,9 +20,11 @@ from twisted.internet.task import Clock
 
 from punchd import stun, wire
 from punchd.config import PeerEntry
+from punchd.gather import build_gather_request, parse_gather_answer
 from punchd.keys import PrivateKey, PublicKey, derive_rendezvous_key
 from punchd.rendezvous.answers import RECENT_ANSWER_SECONDS
 from punchd.rendezvous.auth import NONCE_BUCKET, NONCE_BUCKETS_VALID
+from punchd.rendezvous.gathering import GATHER_BURST, GATHER_RATE
 from punchd.rendezvous.introductions import INCOMING_BACKOFF
 from punchd.rendezvous.limits import SourceLimiter
 from punchd.rendezvous.registry import MemoryRegistry
@@ -275,6 +277,91 @@ def test_malformed_binding_is_dropped() -> None:
     assert h.receive(bytes(request), ("192.0.2.1", 1)) == []
     assert h.receive(request[:-4], ("192.0.2.1", 1)) == []
     assert h.protocol.counters["dropped-bad-binding"] == 2
+
+
+def gather_answer(h: Harness, agent: Agent, source: Address, key: bytes | None = None) -> Sent:
+    tid, request = build_gather_request(agent.name, key or agent.key)
+    sent = h.receive(request, source)
+    for data, address in sent:
+        assert address == source
+        assert len(data) <= len(request)
+        assert parse_gather_answer(data, agent.key, tid) == source
+    return sent
+
+
+@pytest.mark.parametrize("source", [("203.0.113.5", 41002), ("2001:db8::5", 41003)])
+def test_signed_gather_is_answered_signed_and_outside_the_anonymous_budget(
+    source: Address,
+) -> None:
+    alice = Agent("alice", ("203.0.113.5", 41000))
+    h = Harness([alice], binding_rate=1.0, binding_burst=1.0)
+    # A neighbour on alice's IP drains the anonymous bucket...
+    h.receive(binding_request(), (source[0], 9999))
+    assert h.receive(binding_request(), (source[0], 9999)) == []
+    assert h.protocol.counters["binding-rate-limited"] == 1
+    # ...and alice's gathers are still answered (she need not even be registered).
+    for _ in range(5):
+        assert len(gather_answer(h, alice, source)) == 1
+    assert h.protocol.counters["gather"] == 5
+    h.no_state()
+
+
+def test_gather_budget_is_per_name_and_address() -> None:
+    alice, bob = Agent("alice", ("203.0.113.5", 41000)), Agent("bob", ("198.51.100.9", 7))
+    h = Harness([alice, bob])
+    here = ("203.0.113.5", 41002)
+    answered = sum(len(gather_answer(h, alice, here)) for _ in range(50))
+    assert answered == GATHER_BURST
+    assert h.protocol.counters["gather-rate-limited"] == 50 - GATHER_BURST
+    # Replays from anywhere else spend other buckets: alice's next socket, and
+    # bob on the same address, are answered.
+    assert len(gather_answer(h, alice, ("203.0.113.5", 41003))) == 1
+    assert len(gather_answer(h, bob, here)) == 1
+    h.clock.advance(1.0)
+    answered = sum(len(gather_answer(h, alice, here)) for _ in range(50))
+    assert answered == GATHER_RATE
+
+
+@pytest.mark.parametrize("kind", ["unknown name", "wrong key", "tampered", "bad name"])
+def test_unauthenticated_gather_is_dropped_and_counted(kind: str) -> None:
+    alice = Agent("alice", ("203.0.113.5", 41000))
+    h = Harness([alice])
+    eve = Agent("eve", ("203.0.113.66", 666))
+    if kind == "unknown name":
+        _, request = build_gather_request("eve", eve.key)
+    elif kind == "wrong key":
+        _, request = build_gather_request("alice", eve.key)
+    elif kind == "tampered":
+        _, signed = build_gather_request("alice", alice.key)
+        request = with_fingerprint(signed[:36] + b"P" + signed[37:-8])  # SOFTWARE
+    else:
+        tid = stun.new_transaction_id()
+        attributes = [(Attr.USERNAME, b"al/ce"), (Attr.SOFTWARE, b"x")]
+        request = wire.signed(Method.BINDING, MessageClass.REQUEST, tid, attributes, alice.key)
+    stun.parse(request)
+    assert h.receive(request, eve.address) == []
+    assert h.protocol.counters["dropped-gather-unauthenticated"] == 1
+    assert h.protocol.counters["binding"] == 0
+    h.no_state()
+
+
+def test_binding_with_username_but_no_sha256_integrity_is_an_anonymous_binding() -> None:
+    h = Harness([Agent("alice", ("203.0.113.5", 41000))])
+    # An ICE check's shape: USERNAME and a SHA-1 MESSAGE-INTEGRITY.
+    tid = stun.new_transaction_id()
+    request = stun.build(
+        Method.BINDING,
+        MessageClass.REQUEST,
+        tid,
+        [(Attr.USERNAME, b"alice:x")],
+        integrity_sha1=bytes(20),
+        fingerprint=True,
+    )
+    sent = h.receive(request, ("192.0.2.9", 9))
+    assert len(sent) == 1
+    response = stun.parse(sent[0][0])
+    assert response.cls == MessageClass.SUCCESS and not response.has(Attr.MESSAGE_INTEGRITY_SHA256)
+    assert h.protocol.counters["binding"] == 1
 
 
 # -- registration and authentication ----------------------------------------
