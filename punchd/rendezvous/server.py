@@ -4,8 +4,13 @@ introductions for authenticated agents (docs/protocol.rst).
 
 Nothing here trusts a datagram before its MESSAGE-INTEGRITY-SHA256 checks
 out under a key derived from the peers file (L{punchd.rendezvous.auth});
-until then the server keeps no state for it and never answers with more
-bytes than it got.
+until then the server keeps no state for it.  Size of what goes back to a
+sender whose address nothing proves: the anonymous Binding success answer
+(the standard STUN service) is up to 12 bytes (IPv4) or 24 bytes (IPv6)
+larger than a bare request, and is rate-limited per source IP; every other
+reply to such a sender (a Binding 420, a 401, a 438, a gather's answer, a
+sequence resynchronisation) is dropped rather than sent when it would be
+larger than the request.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ NOT_REGISTERED = 470
 RECEIVE_BUFFER = 4 * 1024 * 1024
 AGENT_METHODS = frozenset((Method.REGISTER, Method.PEERS, Method.CONNECT))
 INCOMING_ANSWERS = frozenset((MessageClass.SUCCESS, MessageClass.ERROR))
+BINDING_SUCCESS = b"\x01\x01"
 
 
 class RendezvousProtocol(DatagramProtocol):
@@ -129,6 +135,11 @@ class RendezvousProtocol(DatagramProtocol):
         response = stun.binding_response(datagram, source[0], source[1])
         if response is None:
             self.counters["dropped-bad-binding"] += 1
+            return
+        # The success answer is the standard service and may outgrow a bare
+        # request (by 12 bytes, 24 over IPv6); anything else never does.
+        if response[:2] != BINDING_SUCCESS and len(response) > len(datagram):
+            self.counters["dropped-reply-larger-than-request"] += 1
             return
         self.counters["binding"] += 1
         self._send(response, source)

@@ -249,12 +249,24 @@ def test_binding_is_answered_statelessly(source: Address, fingerprint: bool) -> 
 
 def test_binding_with_unknown_required_attribute_gets_420() -> None:
     h = Harness()
-    sent = h.receive(binding_request(True, [(0x7F01, b"xx")]), ("192.0.2.9", 9))
+    request = binding_request(True, [(0x7F01, b"x" * 16)])
+    sent = h.receive(request, ("192.0.2.9", 9))
     assert len(sent) == 1
+    assert len(sent[0][0]) <= len(request)
     response = stun.parse(sent[0][0])
     assert response.cls == MessageClass.ERROR and error_code(response) == 420
     unknown = response.get(Attr.UNKNOWN_ATTRIBUTES)
     assert unknown is not None and stun.decode_unknown_attributes(unknown) == [0x7F01]
+
+
+@pytest.mark.parametrize("fingerprint", [False, True])
+@pytest.mark.parametrize("size", [0, 2, 4, 8, 12, 16])
+def test_binding_420_is_never_larger_than_the_request(fingerprint: bool, size: int) -> None:
+    h = Harness()
+    request = binding_request(fingerprint, [(0x7F01, b"x" * size)])
+    sent = h.receive(request, ("192.0.2.9", 9))
+    assert all(len(reply) <= len(request) for reply, _ in sent)
+    assert len(sent) + h.protocol.counters["dropped-reply-larger-than-request"] == 1
 
 
 def test_binding_replies_are_rate_limited_per_source_ip() -> None:
