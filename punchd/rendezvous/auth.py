@@ -6,7 +6,10 @@ MESSAGE-INTEGRITY-SHA256 checks out under a key derived from the peers file
 (L{Gate.authenticate}), then lets it through only when it is fresh: a valid
 address-bound nonce, no unknown attribute, not a retransmission of
 something answered or in progress, and a sequence number the agent's
-replay window has not seen (L{Gate.admit}).  Until then nothing is kept,
+replay window has not seen (L{Gate.admit}).  A number too old for the
+window, or far ahead of the server's clock, gets a signed answer naming
+where to resume, so that an agent that once ran with a wrong clock is not
+locked out.  Until then nothing is kept,
 and an unauthenticated sender never gets more bytes back than it sent.
 """
 
@@ -33,6 +36,10 @@ log = Logger()
 
 NONCE_BUCKET = 60.0
 NONCE_BUCKETS_VALID = 5
+#: Answered with the SEQUENCE to resume from (docs/protocol.rst).
+BAD_SEQUENCE = 439
+#: How far ahead of the server's clock an agent's numbers may run.
+SEQUENCE_AHEAD = 3600.0
 
 Address = tuple[str, int]
 
@@ -258,7 +265,39 @@ class Gate:
             answer(request, request.sign(MessageClass.ERROR, wire.error_attributes(400)))
             return False
         request.sequence = stun.decode_u64(value)
-        if not self._windows.setdefault(request.name, ReplayWindow()).accept(request.sequence):
+        window = self._windows.setdefault(request.name, ReplayWindow())
+        if window.too_old(request.sequence) or request.sequence > self._latest_plausible():
+            self._resynchronise(request, window)
+            return False
+        if not window.accept(request.sequence):
             self._counters["dropped-replay"] += 1
             return False
         return True
+
+    def _latest_plausible(self) -> int:
+        """
+        The highest sequence number an agent whose clock is roughly right
+        can use now: agents number from their start time in microseconds.
+        """
+        return int((self._clock.seconds() + SEQUENCE_AHEAD) * 1_000_000)
+
+    def _resynchronise(self, request: AgentRequest, window: ReplayWindow) -> None:
+        """
+        Tell an agent whose numbers fell behind its window (it restarted after
+        running with a clock far ahead), or run far ahead of the server's clock,
+        where to number from.  Only with a valid nonce, signed, rate-limited,
+        no larger than the request; nothing changes here, so a replay earns
+        only an answer the agent ignores.
+        """
+        self._counters["sequence-resync"] += 1
+        if not self._error_limiter.allow(request.source[0]):
+            return
+        resume = max(window.highest + 1, int(self._clock.seconds() * 1_000_000))
+        reply = request.sign(
+            MessageClass.ERROR,
+            [
+                *wire.error_attributes(BAD_SEQUENCE, "Sequence Out Of Window"),
+                (Attr.SEQUENCE, stun.encode_u64(resume)),
+            ],
+        )
+        self._send_no_larger(reply, request.source, request.size)

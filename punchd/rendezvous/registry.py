@@ -25,6 +25,12 @@ class ReplayWindow:
     highest: int = -1
     bitmap: int = 0
 
+    def too_old(self, sequence: int) -> bool:
+        """
+        Whether C{sequence} is below what the window can tell apart.
+        """
+        return self.highest - sequence >= REPLAY_WINDOW
+
     def accept(self, sequence: int) -> bool:
         """
         True (and remember it) if C{sequence} is new; False for a replay or

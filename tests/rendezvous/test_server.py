@@ -23,7 +23,7 @@ from punchd.config import PeerEntry
 from punchd.gather import build_gather_request, parse_gather_answer
 from punchd.keys import PrivateKey, PublicKey, derive_rendezvous_key
 from punchd.rendezvous.answers import RECENT_ANSWER_SECONDS
-from punchd.rendezvous.auth import NONCE_BUCKET, NONCE_BUCKETS_VALID
+from punchd.rendezvous.auth import BAD_SEQUENCE, NONCE_BUCKET, NONCE_BUCKETS_VALID, SEQUENCE_AHEAD
 from punchd.rendezvous.gathering import GATHER_BURST, GATHER_RATE
 from punchd.rendezvous.introductions import INCOMING_BACKOFF
 from punchd.rendezvous.limits import SourceLimiter
@@ -686,14 +686,94 @@ def test_sequence_window_accepts_out_of_order_numbers_once() -> None:
         _, data = alice.request(Method.PEERS, sequence=sequence)
         return h.receive(data, alice.address)
 
+    def resync(sent: Sent) -> int:
+        [(data, _)] = sent
+        message = stun.parse(data)
+        assert error_code(message) == BAD_SEQUENCE
+        value = message.get(Attr.SEQUENCE)
+        assert value is not None
+        return stun.decode_u64(value)
+
     assert len(peers_with(top)) == 1
     assert len(peers_with(top - 63)) == 1
     assert peers_with(top - 63) == []
-    assert peers_with(top - 64) == []
-    assert peers_with(base) == []
+    # Too old to tell: not carried out, but told where to resume.
+    assert resync(peers_with(top - 64)) == resync(peers_with(base)) == int(START * 10**6)
     assert len(peers_with(top - 1)) == 1
     assert peers_with(top) == []
-    assert h.protocol.counters["dropped-replay"] == 4
+    assert h.protocol.counters["dropped-replay"] == 2
+    assert h.protocol.counters["sequence-resync"] == 2
+
+
+def resume_point(answer: stun.Message) -> int:
+    assert error_code(answer) == BAD_SEQUENCE
+    value = answer.get(Attr.SEQUENCE)
+    assert value is not None
+    return stun.decode_u64(value)
+
+
+def test_agent_restarted_behind_its_window_is_told_where_to_resume() -> None:
+    # alice once ran with her clock half an hour ahead, then restarted with
+    # it set right: her numbers fall far behind the window she left.
+    alice = Agent("alice", ("203.0.113.5", 41000), sequence=int(START * 10**6) + 1800 * 10**6)
+    h = Harness([alice])
+    h.register(alice)
+    highest = alice.sequence
+    restarted = Agent("alice", ("203.0.113.5", 41001), private=alice.private)
+    restarted.sequence = int(START * 10**6)
+    h.nonce_for(restarted)
+    tid, data = restarted.request(Method.REGISTER, [(Attr.LIFETIME, stun.encode_u32(60))])
+    sent = h.receive(data, restarted.address)
+    assert len(sent[0][0]) <= len(data)
+    assert resume_point(h.answer_of(restarted, tid, sent)) == highest + 1
+    registration = h.registry.lookup("alice", h.clock.seconds())
+    assert registration is not None and registration.address == alice.address
+    # Numbering from there, she registers; the old numbers stay refused.
+    restarted.sequence = highest
+    h.register(restarted)
+    registration = h.registry.lookup("alice", h.clock.seconds())
+    assert registration is not None and registration.address == restarted.address
+    _, old = restarted.request(Method.PEERS, sequence=highest)
+    assert h.receive(old, restarted.address) == []
+
+
+def test_sequence_far_ahead_of_the_clock_is_not_taken() -> None:
+    alice = Agent("alice", ("203.0.113.5", 41000))
+    h = Harness([alice])
+    h.register(alice)
+    normal = alice.sequence
+    alice.sequence = int((START + SEQUENCE_AHEAD) * 10**6) + 86400 * 10**6  # a day ahead
+    answer = h.ask(alice, Method.REGISTER)
+    assert resume_point(answer) == int(START * 10**6)
+    # The window did not move: numbers near the last good one still work.
+    alice.sequence = normal
+    h.register(alice)
+    assert h.protocol.counters["sequence-resync"] == 1
+    # Within the allowance is fine.
+    alice.sequence = int((START + SEQUENCE_AHEAD / 2) * 10**6)
+    h.register(alice)
+
+
+def test_resync_needs_a_valid_nonce_and_replays_change_nothing() -> None:
+    alice = Agent("alice", ("203.0.113.5", 41000))
+    h = Harness([alice])
+    h.register(alice)
+    captured_tid, captured = alice.request(
+        Method.REGISTER, [(Attr.LIFETIME, stun.encode_u32(600))], sequence=alice.sequence - 100
+    )
+    # From elsewhere: a 438 at most, no word on sequences.
+    for reply, _ in h.receive(captured, ("198.51.100.99", 9)):
+        message = stun.parse(reply)
+        assert error_code(message) == 438 and not message.has(Attr.SEQUENCE)
+    # From alice's address: the resync answer, and nothing else happens.
+    registration = h.registry.lookup("alice", h.clock.seconds())
+    assert registration is not None
+    expires = registration.expires
+    h.clock.advance(1.0)
+    sent = h.receive(captured, alice.address)
+    assert resume_point(h.answer_of(alice, captured_tid, sent)) > alice.sequence
+    registration = h.registry.lookup("alice", h.clock.seconds())
+    assert registration is not None and registration.expires == expires
 
 
 def test_unknown_comprehension_required_attribute_gets_420() -> None:
