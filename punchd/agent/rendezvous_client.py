@@ -26,9 +26,12 @@ from punchd.stun import Attr, MessageClass, Method
 
 log = Logger()
 
-# 8.1 s in all: longer than the rendezvous tries to reach a peer (6.75 s), so
-# that its answer (a 408 at worst) still finds us waiting.
+# 8.1 s in all.
 REQUEST_BACKOFF = Backoff(initial=0.3, maximum=1.5, attempts=7)
+# 11.1 s: longer than the rendezvous holds an introduction for a silent peer
+# (8.75 s), so that its answer (a 408 at worst) still finds us waiting; the
+# tunnel's own timeout ends it sooner when the program asked for less.
+CONNECT_BACKOFF = Backoff(initial=0.3, maximum=1.5, attempts=9)
 RECENT_INCOMING = 256
 STALE_NONCE = 438
 BAD_SEQUENCE = 439
@@ -83,14 +86,17 @@ class RendezvousClient(DatagramProtocol):
         self,
         method: int,
         attributes: Attributes = (),
-        backoff: Backoff = REQUEST_BACKOFF,
+        backoff: Backoff | None = None,
     ) -> Deferred[stun.Message]:
         """
         Send an authenticated request; fire with the verified success
         response, or fail with L{RendezvousError} or L{RequestTimedOut}.
         C{attributes} may be a function of the transaction id, for values
-        (like candidates) encoded with it.
+        (like candidates) encoded with it.  C{backoff} defaults to
+        L{CONNECT_BACKOFF} for Connect, L{REQUEST_BACKOFF} otherwise.
         """
+        if backoff is None:
+            backoff = CONNECT_BACKOFF if method == Method.CONNECT else REQUEST_BACKOFF
         return self._attempt(method, attributes, backoff, {STALE_NONCE: 2, BAD_SEQUENCE: 1})
 
     def _attempt(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -42,7 +43,9 @@ class Introducer:
         answers: RecentAnswers,
         counters: Counters,
         send: Callable[[bytes, Address], None],
+        clock: IReactorTime,
     ) -> None:
+        self._clock = clock
         self._directory = directory
         self._registry = registry
         self._introductions = introductions
@@ -97,7 +100,6 @@ class Introducer:
             ],
             target_key,
         )
-        address = registration.address
         log.debug(
             "introducing {initiator} to {target} for {service}",
             initiator=request.name,
@@ -105,11 +107,32 @@ class Introducer:
             service=service,
         )
         self._counters["introduction"] += 1
-        d = self._introductions.begin(introduction, lambda: self._send(forwarded, address))
+        last_known = registration.address
+
+        def send() -> None:
+            # To wherever the target registered last: its NAT may have
+            # given it a new mapping since (L{heard_from}).
+            nonlocal last_known
+            current = self._registry.lookup(target, self._clock.seconds())
+            if current is not None:
+                last_known = current.address
+            self._send(forwarded, last_known)
+
+        d = self._introductions.begin(introduction, send)
         d.addCallbacks(
             lambda answer: self._introduced(introduction, answer),
             lambda failure: self._not_introduced(introduction, failure),
         )
+
+    def heard_from(self, target: str) -> None:
+        """
+        C{target} registered or refreshed: its NAT has a mapping to us now,
+        so an introduction it did not answer (a NAT that rebooted and lost
+        the old one drops the Incoming) goes again at once, to where it is.
+        """
+        for introduction in self._introductions.waiting_for(target):
+            self._counters["introduction-resent"] += 1
+            self._introductions.resend(introduction)
 
     def incoming_answer(self, message: stun.Message) -> None:
         """
@@ -174,4 +197,16 @@ class Introducer:
     def _not_introduced(self, introduction: Introduction, failure: Failure) -> None:
         if failure.check(RequestTimedOut):
             self._counters["introduction-timeout"] += 1
-            self._finish(introduction, MessageClass.ERROR, wire.error_attributes(408))
+            reason = self._silence(introduction.target)
+            self._finish(introduction, MessageClass.ERROR, wire.error_attributes(408, reason))
+
+    def _silence(self, target: str) -> str:
+        """
+        Why an introduction went unanswered, as far as the server can tell.
+        """
+        now = self._clock.seconds()
+        registration = self._registry.lookup(target, now)
+        if registration is None:
+            return f"{target}'s agent went offline"
+        silent = round(now - registration.refreshed)
+        return f"{target}'s agent has not been heard from for {silent} s"

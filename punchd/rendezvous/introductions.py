@@ -22,8 +22,11 @@ from twisted.internet.interfaces import IReactorTime
 from punchd import stun
 from punchd.retransmit import Backoff, Transactions
 
-#: How the rendezvous sends an Incoming again while its target stays silent.
-INCOMING_BACKOFF = Backoff(initial=0.25, maximum=1.0, attempts=8)
+#: How the rendezvous sends an Incoming again while its target stays silent:
+#: 8.75 s in all, within an agent's default 10 s connect.  A target whose NAT
+#: lost its mapping answers once its next registration (or keepalive) has
+#: opened a new one, and the Incoming goes again at that moment.
+INCOMING_BACKOFF = Backoff(initial=0.25, maximum=1.0, attempts=10)
 
 
 @dataclass(eq=False)

@@ -94,6 +94,7 @@ class RendezvousProtocol(DatagramProtocol):
             self.answers,
             self.counters,
             self._send,
+            clock,
         )
 
     @property
@@ -244,6 +245,7 @@ class RendezvousProtocol(DatagramProtocol):
                 address=wire.format_address(source),
             )
         self.counters["keepalive"] += 1
+        self._introducer.heard_from(name)
         return [mapped, (Attr.LIFETIME, stun.encode_u32(lifetime))]
 
     def _peers(self, request: AgentRequest, now: float) -> list[tuple[int, bytes]]:

@@ -19,6 +19,7 @@ import pytest
 from twisted.internet.task import Clock
 
 from punchd import stun, wire
+from punchd.agent.rendezvous_client import CONNECT_BACKOFF
 from punchd.config import PeerEntry
 from punchd.gather import build_gather_request, parse_gather_answer
 from punchd.keys import PrivateKey, PublicKey, derive_rendezvous_key
@@ -1088,10 +1089,55 @@ def test_unanswered_introduction_is_retransmitted_then_times_out(intro: Introduc
             assert sent == [(intro.incoming.raw, intro.bob.address)]
     answer = h.answer_of(intro.alice, intro.connect_id, sent)
     assert (answer.method, error_code(answer)) == (Method.CONNECT, 408)
+    heard = round(INCOMING_BACKOFF.total())
+    assert wire.error_of(answer)[1] == f"bob's agent has not been heard from for {heard} s"
     assert h.protocol.pending_introductions() == 0
     assert h.protocol.pending_for("alice") == h.protocol.pending_for("bob") == 0
     # The late answer of the target is not news any more.
     assert target_answer(intro, MessageClass.SUCCESS, accept) == []
+
+
+def test_introduction_is_held_and_delivered_when_the_target_registers_again() -> None:
+    # bob's NAT rebooted right after he registered: the Incoming is lost
+    # until his next keepalive opens a new mapping, on another port.
+    h, agents = world()
+    alice, bob = agents["alice"], agents["bob"]
+    h.clock.advance(5.0)
+    intro = start_connect(h, alice, bob)
+    for delay in INCOMING_BACKOFF.delays()[:-2]:
+        h.clock.advance(delay)
+    # Retransmitted meanwhile, to the old address.
+    assert h.transport.take() == [(intro.incoming.raw, intro.bob.address)] * 8
+    bob.address = ("198.51.100.20", 42077)
+    h.nonce_for(bob)
+    tid, data = bob.request(Method.REGISTER, [(Attr.LIFETIME, stun.encode_u32(60))])
+    sent = h.receive(data, bob.address)
+    assert (intro.incoming.raw, bob.address) in sent
+    assert h.protocol.counters["introduction-resent"] == 1
+    h.answer_of(bob, tid, [s for s in sent if s[1] == bob.address and s[0] != intro.incoming.raw])
+    answer = h.answer_of(
+        alice, intro.connect_id, target_answer(intro, MessageClass.SUCCESS, accept)
+    )
+    assert answer.cls == MessageClass.SUCCESS
+    assert h.protocol.pending_introductions() == 0
+
+
+def test_a_target_that_stays_silent_fails_with_how_long_it_has_been() -> None:
+    h, agents = world()
+    alice, bob = agents["alice"], agents["bob"]
+    h.clock.advance(5.0)
+    intro = start_connect(h, alice, bob)
+    for delay in INCOMING_BACKOFF.delays():
+        h.clock.advance(delay)
+    sent = h.transport.take()
+    answer = h.answer_of(alice, intro.connect_id, [s for s in sent if s[1] == alice.address])
+    assert error_code(answer) == 408
+    expected = f"bob's agent has not been heard from for {round(5 + INCOMING_BACKOFF.total())} s"
+    assert wire.error_of(answer)[1] == expected
+
+
+def test_the_hold_fits_in_the_agents_default_connect_and_its_patience() -> None:
+    assert INCOMING_BACKOFF.total() < 10.0 < CONNECT_BACKOFF.total()
 
 
 def test_retransmitted_connect_is_not_forwarded_twice(intro: Introduction) -> None:
