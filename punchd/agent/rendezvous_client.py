@@ -26,10 +26,15 @@ from punchd.stun import Attr, MessageClass, Method
 
 log = Logger()
 
-# 8.1 s in all: longer than the rendezvous tries to reach a peer (6.75 s), so
-# that its answer (a 408 at worst) still finds us waiting.
+# 8.1 s in all.
 REQUEST_BACKOFF = Backoff(initial=0.3, maximum=1.5, attempts=7)
+# 11.1 s: longer than the rendezvous holds an introduction for a silent peer
+# (8.75 s), so that its answer (a 408 at worst) still finds us waiting; the
+# tunnel's own timeout ends it sooner when the program asked for less.
+CONNECT_BACKOFF = Backoff(initial=0.3, maximum=1.5, attempts=9)
 RECENT_INCOMING = 256
+STALE_NONCE = 438
+BAD_SEQUENCE = 439
 HINT_INTERVAL = 60.0
 
 #: What an Incoming handler answers: the reply class and its attributes.
@@ -81,22 +86,25 @@ class RendezvousClient(DatagramProtocol):
         self,
         method: int,
         attributes: Attributes = (),
-        backoff: Backoff = REQUEST_BACKOFF,
+        backoff: Backoff | None = None,
     ) -> Deferred[stun.Message]:
         """
         Send an authenticated request; fire with the verified success
         response, or fail with L{RendezvousError} or L{RequestTimedOut}.
         C{attributes} may be a function of the transaction id, for values
-        (like candidates) encoded with it.
+        (like candidates) encoded with it.  C{backoff} defaults to
+        L{CONNECT_BACKOFF} for Connect, L{REQUEST_BACKOFF} otherwise.
         """
-        return self._attempt(method, attributes, backoff, nonce_retries=2)
+        if backoff is None:
+            backoff = CONNECT_BACKOFF if method == Method.CONNECT else REQUEST_BACKOFF
+        return self._attempt(method, attributes, backoff, {STALE_NONCE: 2, BAD_SEQUENCE: 1})
 
     def _attempt(
         self,
         method: int,
         attributes: Attributes,
         backoff: Backoff,
-        nonce_retries: int,
+        retries: dict[int, int],
     ) -> Deferred[stun.Message]:
         transaction_id = stun.new_transaction_id()
         self._sequence += 1
@@ -115,13 +123,32 @@ class RendezvousClient(DatagramProtocol):
             if message.cls == MessageClass.SUCCESS:
                 return message
             code, reason = wire.error_of(message)
-            nonce = message.get(Attr.NONCE)
-            if code == 438 and nonce is not None and nonce_retries > 0:
-                self._nonce = nonce
-                return self._attempt(method, attributes, backoff, nonce_retries - 1)
+            if retries.get(code, 0) > 0 and self._follow(code, message):
+                left = {c: n - (c == code) for c, n in retries.items()}
+                return self._attempt(method, attributes, backoff, left)
             raise RendezvousError(code, reason)
 
         return d.addCallback(answered)
+
+    def _follow(self, code: int, message: stun.Message) -> bool:
+        """
+        Take a (verified) 438's fresh nonce, or a 439's sequence number to
+        resume from; True if the request should go again at once (each has
+        its own budget of retries per request, in C{_attempt}).
+        """
+        nonce = message.get(Attr.NONCE)
+        if code == STALE_NONCE and nonce is not None:
+            self._nonce = nonce
+            return True
+        resume = message.get(Attr.SEQUENCE)
+        if code == BAD_SEQUENCE and resume is not None and len(resume) == 8:
+            # Our numbers fell behind the window the rendezvous keeps for us
+            # (we once ran with a clock far ahead), or ran far ahead of its
+            # clock: number from where it says.
+            log.info("the rendezvous resynchronised our request numbers")
+            self._sequence = stun.decode_u64(resume) - 1
+            return True
+        return False
 
     def _send(self, data: bytes) -> None:
         if self.transport is not None and self.server is not None:

@@ -25,6 +25,12 @@ class ReplayWindow:
     highest: int = -1
     bitmap: int = 0
 
+    def too_old(self, sequence: int) -> bool:
+        """
+        Whether C{sequence} is below what the window can tell apart.
+        """
+        return self.highest - sequence >= REPLAY_WINDOW
+
     def accept(self, sequence: int) -> bool:
         """
         True (and remember it) if C{sequence} is new; False for a replay or
@@ -58,6 +64,8 @@ class Registration:
     address: tuple[str, int]
     expires: float
     registered_at: float
+    #: When the agent last registered or refreshed.
+    refreshed: float = 0.0
 
 
 class IRegistry(Interface):
@@ -120,13 +128,14 @@ class MemoryRegistry:
     ) -> tuple[Registration, tuple[str, int] | None]:
         registration = self._byName.get(name)
         if registration is None or registration.expires < now:
-            registration = Registration(name, network, address, now + lifetime, now)
+            registration = Registration(name, network, address, now + lifetime, now, now)
             self._byName[name] = registration
             return registration, None
         moved = registration.address if registration.address != address else None
         registration.address = address
         registration.network = network
         registration.expires = now + lifetime
+        registration.refreshed = now
         return registration, moved
 
     def online(self, network: str, now: float) -> list[str]:

@@ -357,3 +357,38 @@ def test_nothing_is_sent_before_the_server_is_known() -> None:
     assert rig.client.counters["dropped-stranger"] == 1
     rig.client.cancel_all()
     assert isinstance(results[0], Failure)
+
+
+def test_sequence_resync_numbers_from_where_the_rendezvous_says(rig: Rig) -> None:
+    results = outcome(rig.client.request(Method.REGISTER, [(Attr.LIFETIME, b"\0\0\0\x3c")]))
+    first = rig.last_request()
+    resume = 1_700_000_000_000_000
+    rig.reply(
+        first,
+        MessageClass.ERROR,
+        [*wire.error_attributes(439), (Attr.SEQUENCE, stun.encode_u64(resume))],
+    )
+    assert results == []
+    retry = rig.last_request()
+    assert retry.transaction_id != first.transaction_id
+    assert retry.get(Attr.SEQUENCE) == stun.encode_u64(resume)
+    assert retry.get(Attr.LIFETIME) == b"\0\0\0\x3c"
+    rig.reply(retry)
+    assert isinstance(results[0], stun.Message)
+    outcome(rig.client.request(Method.PEERS))
+    assert rig.last_request().get(Attr.SEQUENCE) == stun.encode_u64(resume + 1)
+
+
+def test_sequence_resync_is_followed_once_per_request_and_only_when_signed(rig: Rig) -> None:
+    results = outcome(rig.client.request(Method.PEERS))
+    before = rig.last_request().get(Attr.SEQUENCE)
+    resync = [*wire.error_attributes(439), (Attr.SEQUENCE, stun.encode_u64(5))]
+    rig.reply(rig.last_request(), MessageClass.ERROR, resync, key=None)
+    assert len(rig.transport.written) == 1 and results == []
+    rig.reply(rig.last_request(), MessageClass.ERROR, resync)
+    assert len(rig.transport.written) == 2
+    assert rig.last_request().get(Attr.SEQUENCE) == stun.encode_u64(5) != before
+    rig.reply(rig.last_request(), MessageClass.ERROR, resync)
+    (failure,) = results
+    assert isinstance(failure, Failure) and failure.check(RendezvousError)
+    assert failure.value.code == 439

@@ -25,6 +25,7 @@ from aioice import stun as aioice_stun
 from twisted.logger import eventFromJSON, formatEvent
 
 from punchd import client, stun, wire
+from punchd.gather import build_gather_request
 from punchd.keys import PrivateKey, derive_rendezvous_key
 from punchd.netlab.deployment import Deployment
 from punchd.stun import Attr, MessageClass, Method
@@ -484,3 +485,54 @@ def test_server_survives_a_flood_of_junk(live: Deployment) -> None:
         assert "dave" in peer_names(live, name)
     assert "alice" in peer_names(live, "dave")
     assert peer_names(live, "mallory") == []
+
+
+# -- reply sizes --------------------------------------------------------------------
+
+
+def unauthenticated_requests(d: Deployment) -> list[bytes]:
+    """
+    What a sender whose address nothing proves can send: Binding with
+    unknown comprehension-required attributes of every small size, forged
+    and nonce-less agent requests, gathers.
+    """
+    requests = []
+    for size in range(0, 17):
+        for fingerprint in (False, True):
+            requests.append(
+                stun.build(
+                    Method.BINDING,
+                    MessageClass.REQUEST,
+                    stun.new_transaction_id(),
+                    [(0x7F01, b"x" * size)],
+                    fingerprint=fingerprint,
+                )
+            )
+    server_key = d.rendezvous_key.public_key()
+    for name, private in (("carol", PrivateKey.generate()), ("carol", d.agents["carol"].key)):
+        key = derive_rendezvous_key(private, server_key, name)
+        for method in (Method.REGISTER, Method.PEERS, Method.CONNECT):
+            for nonce in ([], [(Attr.NONCE, bytes(20))]):
+                attributes = [(Attr.USERNAME, name.encode()), (Attr.SEQUENCE, bytes(8)), *nonce]
+                tid = stun.new_transaction_id()
+                requests.append(wire.signed(method, MessageClass.REQUEST, tid, attributes, key))
+        requests.append(build_gather_request(name, key)[1])
+    return requests
+
+
+def test_no_reply_but_the_binding_success_is_larger_than_its_request(live: Deployment) -> None:
+    requests = {request[8:20]: request for request in unauthenticated_requests(live)}
+    replies = []
+    with udp_socket(timeout=1.0) as sock:
+        for request in requests.values():
+            sock.sendto(request, server_of(live))
+        while True:
+            try:
+                replies.append(sock.recv(2048))
+            except TimeoutError:
+                break
+    for reply in replies:
+        request = requests[reply[8:20]]
+        if reply[:2] != b"\x01\x01" or stun.parse(reply).has(Attr.MESSAGE_INTEGRITY_SHA256):
+            assert len(reply) <= len(request), (request.hex(), reply.hex())
+    assert len(replies) > 20  # the server did answer many of them

@@ -19,19 +19,17 @@ import pytest
 from twisted.internet.task import Clock
 
 from punchd import stun, wire
+from punchd.agent.rendezvous_client import CONNECT_BACKOFF
 from punchd.config import PeerEntry
+from punchd.gather import build_gather_request, parse_gather_answer
 from punchd.keys import PrivateKey, PublicKey, derive_rendezvous_key
+from punchd.rendezvous.answers import RECENT_ANSWER_SECONDS
+from punchd.rendezvous.auth import BAD_SEQUENCE, NONCE_BUCKET, NONCE_BUCKETS_VALID, SEQUENCE_AHEAD
+from punchd.rendezvous.gathering import GATHER_BURST, GATHER_RATE
+from punchd.rendezvous.introductions import INCOMING_BACKOFF
 from punchd.rendezvous.limits import SourceLimiter
 from punchd.rendezvous.registry import MemoryRegistry
-from punchd.rendezvous.server import (
-    INCOMING_BACKOFF,
-    MIN_LIFETIME,
-    NONCE_BUCKET,
-    NONCE_BUCKETS_VALID,
-    RECENT_ANSWER_SECONDS,
-    Directory,
-    RendezvousProtocol,
-)
+from punchd.rendezvous.server import MIN_LIFETIME, Directory, RendezvousProtocol
 from punchd.stun import Attr, MessageClass, Method
 from punchd.wire import Candidate, CandidateKind
 
@@ -194,7 +192,7 @@ class Harness:
 
     def no_state(self) -> None:
         assert self.registry.count == 0
-        assert self.protocol._recent == {}
+        assert len(self.protocol.answers) == 0
         assert self.protocol.pending_introductions() == 0
 
 
@@ -252,12 +250,24 @@ def test_binding_is_answered_statelessly(source: Address, fingerprint: bool) -> 
 
 def test_binding_with_unknown_required_attribute_gets_420() -> None:
     h = Harness()
-    sent = h.receive(binding_request(True, [(0x7F01, b"xx")]), ("192.0.2.9", 9))
+    request = binding_request(True, [(0x7F01, b"x" * 16)])
+    sent = h.receive(request, ("192.0.2.9", 9))
     assert len(sent) == 1
+    assert len(sent[0][0]) <= len(request)
     response = stun.parse(sent[0][0])
     assert response.cls == MessageClass.ERROR and error_code(response) == 420
     unknown = response.get(Attr.UNKNOWN_ATTRIBUTES)
     assert unknown is not None and stun.decode_unknown_attributes(unknown) == [0x7F01]
+
+
+@pytest.mark.parametrize("fingerprint", [False, True])
+@pytest.mark.parametrize("size", [0, 2, 4, 8, 12, 16])
+def test_binding_420_is_never_larger_than_the_request(fingerprint: bool, size: int) -> None:
+    h = Harness()
+    request = binding_request(fingerprint, [(0x7F01, b"x" * size)])
+    sent = h.receive(request, ("192.0.2.9", 9))
+    assert all(len(reply) <= len(request) for reply, _ in sent)
+    assert len(sent) + h.protocol.counters["dropped-reply-larger-than-request"] == 1
 
 
 def test_binding_replies_are_rate_limited_per_source_ip() -> None:
@@ -280,6 +290,91 @@ def test_malformed_binding_is_dropped() -> None:
     assert h.receive(bytes(request), ("192.0.2.1", 1)) == []
     assert h.receive(request[:-4], ("192.0.2.1", 1)) == []
     assert h.protocol.counters["dropped-bad-binding"] == 2
+
+
+def gather_answer(h: Harness, agent: Agent, source: Address, key: bytes | None = None) -> Sent:
+    tid, request = build_gather_request(agent.name, key or agent.key)
+    sent = h.receive(request, source)
+    for data, address in sent:
+        assert address == source
+        assert len(data) <= len(request)
+        assert parse_gather_answer(data, agent.key, tid) == source
+    return sent
+
+
+@pytest.mark.parametrize("source", [("203.0.113.5", 41002), ("2001:db8::5", 41003)])
+def test_signed_gather_is_answered_signed_and_outside_the_anonymous_budget(
+    source: Address,
+) -> None:
+    alice = Agent("alice", ("203.0.113.5", 41000))
+    h = Harness([alice], binding_rate=1.0, binding_burst=1.0)
+    # A neighbour on alice's IP drains the anonymous bucket...
+    h.receive(binding_request(), (source[0], 9999))
+    assert h.receive(binding_request(), (source[0], 9999)) == []
+    assert h.protocol.counters["binding-rate-limited"] == 1
+    # ...and alice's gathers are still answered (she need not even be registered).
+    for _ in range(5):
+        assert len(gather_answer(h, alice, source)) == 1
+    assert h.protocol.counters["gather"] == 5
+    h.no_state()
+
+
+def test_gather_budget_is_per_name_and_address() -> None:
+    alice, bob = Agent("alice", ("203.0.113.5", 41000)), Agent("bob", ("198.51.100.9", 7))
+    h = Harness([alice, bob])
+    here = ("203.0.113.5", 41002)
+    answered = sum(len(gather_answer(h, alice, here)) for _ in range(50))
+    assert answered == GATHER_BURST
+    assert h.protocol.counters["gather-rate-limited"] == 50 - GATHER_BURST
+    # Replays from anywhere else spend other buckets: alice's next socket, and
+    # bob on the same address, are answered.
+    assert len(gather_answer(h, alice, ("203.0.113.5", 41003))) == 1
+    assert len(gather_answer(h, bob, here)) == 1
+    h.clock.advance(1.0)
+    answered = sum(len(gather_answer(h, alice, here)) for _ in range(50))
+    assert answered == GATHER_RATE
+
+
+@pytest.mark.parametrize("kind", ["unknown name", "wrong key", "tampered", "bad name"])
+def test_unauthenticated_gather_is_dropped_and_counted(kind: str) -> None:
+    alice = Agent("alice", ("203.0.113.5", 41000))
+    h = Harness([alice])
+    eve = Agent("eve", ("203.0.113.66", 666))
+    if kind == "unknown name":
+        _, request = build_gather_request("eve", eve.key)
+    elif kind == "wrong key":
+        _, request = build_gather_request("alice", eve.key)
+    elif kind == "tampered":
+        _, signed = build_gather_request("alice", alice.key)
+        request = with_fingerprint(signed[:36] + b"P" + signed[37:-8])  # SOFTWARE
+    else:
+        tid = stun.new_transaction_id()
+        attributes = [(Attr.USERNAME, b"al/ce"), (Attr.SOFTWARE, b"x")]
+        request = wire.signed(Method.BINDING, MessageClass.REQUEST, tid, attributes, alice.key)
+    stun.parse(request)
+    assert h.receive(request, eve.address) == []
+    assert h.protocol.counters["dropped-gather-unauthenticated"] == 1
+    assert h.protocol.counters["binding"] == 0
+    h.no_state()
+
+
+def test_binding_with_username_but_no_sha256_integrity_is_an_anonymous_binding() -> None:
+    h = Harness([Agent("alice", ("203.0.113.5", 41000))])
+    # An ICE check's shape: USERNAME and a SHA-1 MESSAGE-INTEGRITY.
+    tid = stun.new_transaction_id()
+    request = stun.build(
+        Method.BINDING,
+        MessageClass.REQUEST,
+        tid,
+        [(Attr.USERNAME, b"alice:x")],
+        integrity_sha1=bytes(20),
+        fingerprint=True,
+    )
+    sent = h.receive(request, ("192.0.2.9", 9))
+    assert len(sent) == 1
+    response = stun.parse(sent[0][0])
+    assert response.cls == MessageClass.SUCCESS and not response.has(Attr.MESSAGE_INTEGRITY_SHA256)
+    assert h.protocol.counters["binding"] == 1
 
 
 # -- registration and authentication ----------------------------------------
@@ -592,14 +687,94 @@ def test_sequence_window_accepts_out_of_order_numbers_once() -> None:
         _, data = alice.request(Method.PEERS, sequence=sequence)
         return h.receive(data, alice.address)
 
+    def resync(sent: Sent) -> int:
+        [(data, _)] = sent
+        message = stun.parse(data)
+        assert error_code(message) == BAD_SEQUENCE
+        value = message.get(Attr.SEQUENCE)
+        assert value is not None
+        return stun.decode_u64(value)
+
     assert len(peers_with(top)) == 1
     assert len(peers_with(top - 63)) == 1
     assert peers_with(top - 63) == []
-    assert peers_with(top - 64) == []
-    assert peers_with(base) == []
+    # Too old to tell: not carried out, but told where to resume.
+    assert resync(peers_with(top - 64)) == resync(peers_with(base)) == int(START * 10**6)
     assert len(peers_with(top - 1)) == 1
     assert peers_with(top) == []
-    assert h.protocol.counters["dropped-replay"] == 4
+    assert h.protocol.counters["dropped-replay"] == 2
+    assert h.protocol.counters["sequence-resync"] == 2
+
+
+def resume_point(answer: stun.Message) -> int:
+    assert error_code(answer) == BAD_SEQUENCE
+    value = answer.get(Attr.SEQUENCE)
+    assert value is not None
+    return stun.decode_u64(value)
+
+
+def test_agent_restarted_behind_its_window_is_told_where_to_resume() -> None:
+    # alice once ran with her clock half an hour ahead, then restarted with
+    # it set right: her numbers fall far behind the window she left.
+    alice = Agent("alice", ("203.0.113.5", 41000), sequence=int(START * 10**6) + 1800 * 10**6)
+    h = Harness([alice])
+    h.register(alice)
+    highest = alice.sequence
+    restarted = Agent("alice", ("203.0.113.5", 41001), private=alice.private)
+    restarted.sequence = int(START * 10**6)
+    h.nonce_for(restarted)
+    tid, data = restarted.request(Method.REGISTER, [(Attr.LIFETIME, stun.encode_u32(60))])
+    sent = h.receive(data, restarted.address)
+    assert len(sent[0][0]) <= len(data)
+    assert resume_point(h.answer_of(restarted, tid, sent)) == highest + 1
+    registration = h.registry.lookup("alice", h.clock.seconds())
+    assert registration is not None and registration.address == alice.address
+    # Numbering from there, she registers; the old numbers stay refused.
+    restarted.sequence = highest
+    h.register(restarted)
+    registration = h.registry.lookup("alice", h.clock.seconds())
+    assert registration is not None and registration.address == restarted.address
+    _, old = restarted.request(Method.PEERS, sequence=highest)
+    assert h.receive(old, restarted.address) == []
+
+
+def test_sequence_far_ahead_of_the_clock_is_not_taken() -> None:
+    alice = Agent("alice", ("203.0.113.5", 41000))
+    h = Harness([alice])
+    h.register(alice)
+    normal = alice.sequence
+    alice.sequence = int((START + SEQUENCE_AHEAD) * 10**6) + 86400 * 10**6  # a day ahead
+    answer = h.ask(alice, Method.REGISTER)
+    assert resume_point(answer) == int(START * 10**6)
+    # The window did not move: numbers near the last good one still work.
+    alice.sequence = normal
+    h.register(alice)
+    assert h.protocol.counters["sequence-resync"] == 1
+    # Within the allowance is fine.
+    alice.sequence = int((START + SEQUENCE_AHEAD / 2) * 10**6)
+    h.register(alice)
+
+
+def test_resync_needs_a_valid_nonce_and_replays_change_nothing() -> None:
+    alice = Agent("alice", ("203.0.113.5", 41000))
+    h = Harness([alice])
+    h.register(alice)
+    captured_tid, captured = alice.request(
+        Method.REGISTER, [(Attr.LIFETIME, stun.encode_u32(600))], sequence=alice.sequence - 100
+    )
+    # From elsewhere: a 438 at most, no word on sequences.
+    for reply, _ in h.receive(captured, ("198.51.100.99", 9)):
+        message = stun.parse(reply)
+        assert error_code(message) == 438 and not message.has(Attr.SEQUENCE)
+    # From alice's address: the resync answer, and nothing else happens.
+    registration = h.registry.lookup("alice", h.clock.seconds())
+    assert registration is not None
+    expires = registration.expires
+    h.clock.advance(1.0)
+    sent = h.receive(captured, alice.address)
+    assert resume_point(h.answer_of(alice, captured_tid, sent)) > alice.sequence
+    registration = h.registry.lookup("alice", h.clock.seconds())
+    assert registration is not None and registration.expires == expires
 
 
 def test_unknown_comprehension_required_attribute_gets_420() -> None:
@@ -788,7 +963,8 @@ def test_connect_errors(peer: str, change: str | None, code: int) -> None:
     assert error_code(answer) == code
     assert h.protocol.pending_introductions() == 0
     # An error is final, and cached like any answer.
-    assert h.protocol._recent["alice"][answer.transaction_id][2] == answer.raw
+    cached = h.protocol.answers.lookup("alice", answer.transaction_id)
+    assert cached is not None and cached.data == answer.raw
 
 
 @pytest.mark.parametrize("field", [Attr.PEER, Attr.SERVICE], ids=["PEER", "SERVICE"])
@@ -913,10 +1089,55 @@ def test_unanswered_introduction_is_retransmitted_then_times_out(intro: Introduc
             assert sent == [(intro.incoming.raw, intro.bob.address)]
     answer = h.answer_of(intro.alice, intro.connect_id, sent)
     assert (answer.method, error_code(answer)) == (Method.CONNECT, 408)
+    heard = round(INCOMING_BACKOFF.total())
+    assert wire.error_of(answer)[1] == f"bob's agent has not been heard from for {heard} s"
     assert h.protocol.pending_introductions() == 0
     assert h.protocol.pending_for("alice") == h.protocol.pending_for("bob") == 0
     # The late answer of the target is not news any more.
     assert target_answer(intro, MessageClass.SUCCESS, accept) == []
+
+
+def test_introduction_is_held_and_delivered_when_the_target_registers_again() -> None:
+    # bob's NAT rebooted right after he registered: the Incoming is lost
+    # until his next keepalive opens a new mapping, on another port.
+    h, agents = world()
+    alice, bob = agents["alice"], agents["bob"]
+    h.clock.advance(5.0)
+    intro = start_connect(h, alice, bob)
+    for delay in INCOMING_BACKOFF.delays()[:-2]:
+        h.clock.advance(delay)
+    # Retransmitted meanwhile, to the old address.
+    assert h.transport.take() == [(intro.incoming.raw, intro.bob.address)] * 8
+    bob.address = ("198.51.100.20", 42077)
+    h.nonce_for(bob)
+    tid, data = bob.request(Method.REGISTER, [(Attr.LIFETIME, stun.encode_u32(60))])
+    sent = h.receive(data, bob.address)
+    assert (intro.incoming.raw, bob.address) in sent
+    assert h.protocol.counters["introduction-resent"] == 1
+    h.answer_of(bob, tid, [s for s in sent if s[1] == bob.address and s[0] != intro.incoming.raw])
+    answer = h.answer_of(
+        alice, intro.connect_id, target_answer(intro, MessageClass.SUCCESS, accept)
+    )
+    assert answer.cls == MessageClass.SUCCESS
+    assert h.protocol.pending_introductions() == 0
+
+
+def test_a_target_that_stays_silent_fails_with_how_long_it_has_been() -> None:
+    h, agents = world()
+    alice, bob = agents["alice"], agents["bob"]
+    h.clock.advance(5.0)
+    intro = start_connect(h, alice, bob)
+    for delay in INCOMING_BACKOFF.delays():
+        h.clock.advance(delay)
+    sent = h.transport.take()
+    answer = h.answer_of(alice, intro.connect_id, [s for s in sent if s[1] == alice.address])
+    assert error_code(answer) == 408
+    expected = f"bob's agent has not been heard from for {round(5 + INCOMING_BACKOFF.total())} s"
+    assert wire.error_of(answer)[1] == expected
+
+
+def test_the_hold_fits_in_the_agents_default_connect_and_its_patience() -> None:
+    assert INCOMING_BACKOFF.total() < 10.0 < CONNECT_BACKOFF.total()
 
 
 def test_retransmitted_connect_is_not_forwarded_twice(intro: Introduction) -> None:
@@ -963,7 +1184,7 @@ def test_expiry_forgets_silent_agents() -> None:
     h.clock.advance(60 + RECENT_ANSWER_SECONDS)  # past every lifetime world() gave
     h.protocol.expire()
     assert h.registry.count == 0
-    assert h.protocol._recent == {}
+    assert len(h.protocol.answers) == 0
 
 
 def test_reload_drops_removed_and_changed_peers_and_keeps_the_rest() -> None:
@@ -982,7 +1203,7 @@ def test_reload_drops_removed_and_changed_peers_and_keeps_the_rest() -> None:
     _, data = carol.request(Method.PEERS)
     sent = h.receive(data, carol.address)
     assert [error_code(stun.parse(d)) for d, _ in sent] == [401]
-    assert "carol" not in h.protocol._recent
+    assert "carol" not in h.protocol.answers.agents()
     # bob's new key works, his old one does not.
     assert error_code(h.ask(rekeyed, Method.PEERS)) == 438
     bob.nonce = None

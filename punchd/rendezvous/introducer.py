@@ -1,0 +1,212 @@
+"""
+Connect and Incoming on the wire: the rendezvous forwards an initiator's
+Connect to its target as a signed Incoming, and the target's answer back
+as the Connect's final answer.  The bookkeeping of what is in flight is
+L{Introductions}'.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from punchd import stun, wire
+from punchd.rendezvous.answers import RecentAnswers
+from punchd.rendezvous.auth import AgentRequest, Directory
+from punchd.rendezvous.introductions import Introduction, Introductions
+from punchd.rendezvous.limits import Counters
+from punchd.rendezvous.registry import IRegistry, Registration
+from punchd.retransmit import RequestTimedOut
+from punchd.stun import Attr, MessageClass, Method
+
+log = Logger()
+
+Address = tuple[str, int]
+Attributes = list[tuple[int, bytes]]
+
+
+class Introducer:
+    """
+    Introduces authenticated agents to each other.
+
+    C{directory} is a function because the peers file may be reloaded.
+    """
+
+    def __init__(
+        self,
+        directory: Callable[[], Directory],
+        registry: IRegistry,
+        introductions: Introductions,
+        answers: RecentAnswers,
+        counters: Counters,
+        send: Callable[[bytes, Address], None],
+        clock: IReactorTime,
+    ) -> None:
+        self._clock = clock
+        self._directory = directory
+        self._registry = registry
+        self._introductions = introductions
+        self._answers = answers
+        self._counters = counters
+        self._send = send
+
+    def _target_of(self, request: AgentRequest, now: float) -> tuple[str, Registration, bytes]:
+        """
+        The target of a Connect, its registration and key; or L{wire.ProtocolError}.
+        """
+        target = wire.decode_name(request.message.get(Attr.PEER), "peer")
+        if target == request.name:
+            raise wire.ProtocolError(400, "cannot connect to yourself")
+        directory = self._directory()
+        entry = directory.entry(target)
+        if entry is None or entry.network != request.entry.network:
+            raise wire.ProtocolError(404, "Peer Unknown")
+        registration = self._registry.lookup(target, now)
+        key = directory.key_for(target)
+        if registration is None or key is None:
+            raise wire.ProtocolError(480, "Peer Offline")
+        if not self._introductions.has_room(request.name, target):
+            self._counters["busy"] += 1
+            raise wire.ProtocolError(486, "Busy")
+        return target, registration, key
+
+    def connect(self, request: AgentRequest, now: float) -> None:
+        """
+        Forward a Connect to its target; L{wire.ProtocolError} if it cannot be.
+        """
+        message = request.message
+        target, registration, target_key = self._target_of(request, now)
+        service = wire.decode_name(message.get(Attr.SERVICE), "service")
+        tunnel_id = wire.decode_tunnel_id(message)
+        candidates = wire.decode_candidates(message)
+        introduction = Introduction(
+            request.name, request.source, request.transaction_id, target, request.key
+        )
+        incoming_id = introduction.incoming_id
+        forwarded = wire.signed(
+            Method.INCOMING,
+            MessageClass.REQUEST,
+            incoming_id,
+            [
+                (Attr.PEER, request.name.encode("ascii")),
+                (Attr.SERVICE, service.encode("ascii")),
+                (Attr.TUNNEL_ID, tunnel_id),
+                (Attr.PUBLIC_KEY, request.entry.public_key.raw),
+                *wire.encode_candidates(candidates, incoming_id),
+                *([(Attr.WAIT, b"")] if message.has(Attr.WAIT) else []),
+            ],
+            target_key,
+        )
+        log.debug(
+            "introducing {initiator} to {target} for {service}",
+            initiator=request.name,
+            target=target,
+            service=service,
+        )
+        self._counters["introduction"] += 1
+        last_known = registration.address
+
+        def send() -> None:
+            # To wherever the target registered last: its NAT may have
+            # given it a new mapping since (L{heard_from}).
+            nonlocal last_known
+            current = self._registry.lookup(target, self._clock.seconds())
+            if current is not None:
+                last_known = current.address
+            self._send(forwarded, last_known)
+
+        d = self._introductions.begin(introduction, send)
+        d.addCallbacks(
+            lambda answer: self._introduced(introduction, answer),
+            lambda failure: self._not_introduced(introduction, failure),
+        )
+
+    def heard_from(self, target: str) -> None:
+        """
+        C{target} registered or refreshed: its NAT has a mapping to us now,
+        so an introduction it did not answer (a NAT that rebooted and lost
+        the old one drops the Incoming) goes again at once, to where it is.
+        """
+        for introduction in self._introductions.waiting_for(target):
+            self._counters["introduction-resent"] += 1
+            self._introductions.resend(introduction)
+
+    def incoming_answer(self, message: stun.Message) -> None:
+        """
+        A target's answer to an Incoming: checked, then taken as the final word.
+        """
+        introduction = self._introductions.get(message.transaction_id)
+        if introduction is None:
+            self._counters["dropped-unsolicited"] += 1
+            return
+        key = self._directory().key_for(introduction.target)
+        if key is None or not stun.verify_integrity_sha256(message, key):
+            self._counters["dropped-unauthenticated"] += 1
+            return
+        self._introductions.answer(message.transaction_id, message)
+
+    def _finish(
+        self, introduction: Introduction, cls: MessageClass, attributes: Attributes
+    ) -> None:
+        answer = wire.signed(
+            Method.CONNECT, cls, introduction.connect_id, attributes, introduction.key
+        )
+        self._answers.remember(
+            introduction.initiator, introduction.connect_id, introduction.initiator_address, answer
+        )
+        self._send(answer, introduction.initiator_address)
+
+    def _refused(self, introduction: Introduction, answer: stun.Message) -> None:
+        code, reason = wire.error_of(answer)
+        if code not in (403, 460, 486):
+            code, reason = 403, "Rejected"
+        self._counters["introduction-refused"] += 1
+        self._finish(introduction, MessageClass.ERROR, wire.error_attributes(code, reason))
+
+    def _introduced(self, introduction: Introduction, answer: stun.Message) -> None:
+        if answer.cls == MessageClass.ERROR:
+            self._refused(introduction, answer)
+            return
+        nonce = answer.get(Attr.TUNNEL_NONCE)
+        try:
+            candidates = wire.decode_candidates(answer)
+            if nonce is None or len(nonce) != wire.TUNNEL_ID_LENGTH:
+                raise wire.ProtocolError(400, "missing tunnel nonce")
+        except wire.ProtocolError:
+            self._counters["introduction-bad-answer"] += 1
+            self._finish(introduction, MessageClass.ERROR, wire.error_attributes(403, "Rejected"))
+            return
+        target_entry = self._directory().entry(introduction.target)
+        if target_entry is None:
+            self._finish(introduction, MessageClass.ERROR, wire.error_attributes(404))
+            return
+        self._counters["introduction-accepted"] += 1
+        self._finish(
+            introduction,
+            MessageClass.SUCCESS,
+            [
+                (Attr.PUBLIC_KEY, target_entry.public_key.raw),
+                (Attr.TUNNEL_NONCE, nonce),
+                *wire.encode_candidates(candidates, introduction.connect_id),
+            ],
+        )
+
+    def _not_introduced(self, introduction: Introduction, failure: Failure) -> None:
+        if failure.check(RequestTimedOut):
+            self._counters["introduction-timeout"] += 1
+            reason = self._silence(introduction.target)
+            self._finish(introduction, MessageClass.ERROR, wire.error_attributes(408, reason))
+
+    def _silence(self, target: str) -> str:
+        """
+        Why an introduction went unanswered, as far as the server can tell.
+        """
+        now = self._clock.seconds()
+        registration = self._registry.lookup(target, now)
+        if registration is None:
+            return f"{target}'s agent went offline"
+        silent = round(now - registration.refreshed)
+        return f"{target}'s agent has not been heard from for {silent} s"
