@@ -438,7 +438,7 @@ def test_addresses_round_trip(host: str, port: int) -> None:
     plain = stun.encode_address(host, port)
     assert plain[4:] != xor_value[4:]
     assert stun.decode_address(plain) == (host, port)
-    for kind in stun.CandidateKind:
+    for kind in (0, 1, 3, 0xFF):  # the codec carries any kind byte; wire judges it
         candidate = stun.encode_candidate(kind, host, port, TID)
         assert candidate == bytes((kind,)) + xor_value[1:]
         assert stun.decode_candidate(candidate, TID) == (kind, host, port)
@@ -475,7 +475,8 @@ def test_address_leading_byte_ignored() -> None:
         lambda: stun.encode_xor_address("192.0.2.1", -1, TID),
         lambda: stun.encode_xor_address("192.0.2.1", 1, b"short"),
         lambda: stun.encode_address("192.0.2.1\x00", 1),
-        lambda: stun.encode_candidate(4, "192.0.2.1", 1, TID),
+        lambda: stun.encode_candidate(256, "192.0.2.1", 1, TID),
+        lambda: stun.encode_candidate(-1, "192.0.2.1", 1, TID),
         lambda: stun.encode_error_code(299, ""),
         lambda: stun.encode_error_code(700, ""),
         lambda: stun.encode_error_code(400, "x" * 764),
@@ -512,7 +513,6 @@ def test_encoders_reject(call: object) -> None:
             Attr.XOR_MAPPED_ADDRESS,
         ),
         (lambda v: stun.decode_candidate(v, TID), b"", Attr.CANDIDATE),
-        (lambda v: stun.decode_candidate(v, TID), b"\x04\x01\x00\x01" + bytes(4), Attr.CANDIDATE),
         (lambda v: stun.decode_candidate(v, TID), b"\x00\x02\x00\x01" + bytes(4), Attr.CANDIDATE),
         (stun.decode_error_code, b"\x00\x00\x04", Attr.ERROR_CODE),
         (stun.decode_error_code, b"\x00\x00\x02\x00", Attr.ERROR_CODE),
