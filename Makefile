@@ -17,8 +17,8 @@ $(STAMP): setup.cfg pyproject.toml
 venv: $(STAMP)
 
 lint: $(STAMP)
-	$(BIN)/ruff check punchd tests bench twisted/plugins
-	$(BIN)/ruff format --check punchd tests bench twisted/plugins
+	$(BIN)/ruff check punchd netlab tests bench twisted/plugins
+	$(BIN)/ruff format --check punchd netlab tests bench twisted/plugins
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
@@ -29,7 +29,7 @@ unit: $(STAMP)
 test: lint typecheck unit
 
 demo: $(STAMP)
-	$(BIN)/python -m punchd.netlab.demo
+	$(BIN)/python -m netlab.demo
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run_all

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from punchd.netlab.lab import (
+from netlab import child_env
+from netlab.lab import (
     CARRIER_LINKS,
     INTERNET,
     RENDEZVOUS_ADDRESS,
@@ -24,7 +25,7 @@ from punchd.netlab.lab import (
     Lab,
     cleanup_stale,
 )
-from punchd.netlab.udp import Address, Reflector, UdpEndpoint
+from netlab.udp import Address, Reflector, UdpEndpoint
 
 pytestmark = pytest.mark.netlab
 
@@ -262,7 +263,7 @@ def test_an_exception_inside_the_with_still_tears_down() -> None:
 CHILD = textwrap.dedent(
     """
     import sys, time
-    from punchd.netlab.lab import Lab
+    from netlab.lab import Lab
     with Lab() as lab:
         host = lab.add_site("s", "cone").hosts[0]
         sleeper = host.run(["sleep", "300"])
@@ -275,7 +276,11 @@ CHILD = textwrap.dedent(
 def start_child() -> tuple[subprocess.Popen[str], str, int]:
     """A separate process owning a lab; returns it, the lab prefix and a pid in the lab."""
     child = subprocess.Popen(
-        [sys.executable, "-c", CHILD], stdout=subprocess.PIPE, text=True, start_new_session=True
+        [sys.executable, "-c", CHILD],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env=child_env(),
     )
     assert child.stdout is not None
     prefix, pid = child.stdout.readline().split()
@@ -303,7 +308,7 @@ def test_a_signal_tears_the_lab_down(sig: signal.Signals) -> None:
 SLOW_TEARDOWN_CHILD = textwrap.dedent(
     """
     import time
-    from punchd.netlab.lab import Lab
+    from netlab.lab import Lab
     with Lab() as lab:
         host = lab.add_site("s", "cone").hosts[0]
         host.run(["sh", "-c", "trap '' TERM; sleep 300"])  # costs teardown its grace time
@@ -316,6 +321,7 @@ SLOW_TEARDOWN_CHILD = textwrap.dedent(
 def test_a_signal_during_teardown_waits_until_it_is_done() -> None:
     child = subprocess.Popen(
         [sys.executable, "-c", SLOW_TEARDOWN_CHILD],
+        env=child_env(),
         stdout=subprocess.PIPE,
         text=True,
         start_new_session=True,
@@ -337,14 +343,14 @@ def test_a_signal_during_teardown_waits_until_it_is_done() -> None:
 def test_interpreter_exit_tears_down_a_lab_left_open() -> None:
     script = (
         "import sys\n"
-        "from punchd.netlab.lab import Lab\n"
+        "from netlab.lab import Lab\n"
         "lab = Lab().__enter__()\n"
         "lab.add_site('s', 'cone')\n"
         "print(lab.prefix, flush=True)\n"
         "sys.exit(3)\n"
     )
     done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=30
+        [sys.executable, "-c", script], env=child_env(), capture_output=True, text=True, timeout=30
     )
     assert done.returncode == 3, done.stderr
     prefix = done.stdout.strip()

@@ -39,6 +39,8 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any, Literal, get_args
 
+from netlab import child_env
+
 Profile = Literal["cone", "full-cone", "symmetric", "same-lan", "cgnat"]
 PROFILES: tuple[Profile, ...] = get_args(Profile)
 WanInput = Literal["drop", "accept"]
@@ -526,6 +528,7 @@ class Lab:
     ) -> subprocess.Popen[Any]:
         self._check_open()
         popen_kwargs.setdefault("start_new_session", True)
+        popen_kwargs["env"] = child_env(popen_kwargs.get("env"))
         proc: subprocess.Popen[Any] = subprocess.Popen(
             ["ip", "netns", "exec", netns, *argv], **popen_kwargs
         )
