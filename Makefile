@@ -7,10 +7,12 @@ STAMP := $(VENV)/.installed
 
 .PHONY: venv test lint typecheck unit demo bench clean
 
-$(STAMP): setup.cfg pyproject.toml
+# The editable install puts the checkout on sys.path (pyproject.toml's
+# dev-mode-dirs), which is how twistd finds twisted/plugins/punchd_plugins.py.
+$(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]' --config-settings editable_mode=compat
+	$(BIN)/python -m pip install -q -e '.[test]'
 	$(BIN)/python -c "from twisted.plugin import IPlugin, getPlugins; import twisted.plugins; list(getPlugins(IPlugin, twisted.plugins))"
 	touch $(STAMP)
 
@@ -35,4 +37,4 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.run_all
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) dist .mypy_cache .ruff_cache .pytest_cache
