@@ -31,13 +31,19 @@ class MessageClass(enum.IntEnum):
 
 
 class Method(enum.IntEnum):
+    """
+    Binding, and punchd's own methods: unassigned numbers below 0x100, so
+    that the message type's first byte stays in RFC 7983's STUN range (0-3)
+    and Wireshark decodes them (docs/protocol.rst, "Methods").
+    """
+
     BINDING = 0x001
-    REGISTER = 0x801
-    PEERS = 0x802
-    CONNECT = 0x803
-    INCOMING = 0x804
-    CONFIRM = 0x805
-    ABANDON = 0x806
+    REGISTER = 0x0F1
+    PEERS = 0x0F2
+    CONNECT = 0x0F3
+    INCOMING = 0x0F4
+    CONFIRM = 0x0F5
+    ABANDON = 0x0F6
 
 
 class Attr(enum.IntEnum):

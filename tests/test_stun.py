@@ -181,8 +181,9 @@ def test_rfc5769_request_answered_like_the_sample_response() -> None:
         (Method.BINDING, MessageClass.INDICATION, 0x0011),
         (Method.BINDING, MessageClass.SUCCESS, 0x0101),
         (Method.BINDING, MessageClass.ERROR, 0x0111),
-        (Method.REGISTER, MessageClass.REQUEST, 0x2001),
-        (Method.CONFIRM, MessageClass.INDICATION, 0x2015),
+        (Method.REGISTER, MessageClass.REQUEST, 0x02E1),
+        (Method.CONFIRM, MessageClass.INDICATION, 0x02F5),
+        (0x801, MessageClass.REQUEST, 0x2001),
         (0xFFF, MessageClass.ERROR, 0x3FFF),
         (0x070, MessageClass.REQUEST, 0x00E0),
     ],
@@ -226,7 +227,7 @@ def test_build_all_trailers() -> None:
     # The SHA-256 HMAC covers MESSAGE-INTEGRITY: this is the independent oracle.
     prefix = datagram(
         attr(Attr.USERNAME, b"alice") + attr(Attr.MESSAGE_INTEGRITY, message.get(8) or b""),
-        msg_type=0x2002,
+        msg_type=0x02E2,
     )
     assert with_fingerprint(with_sha256(prefix, sha256_key)) == data
 
@@ -858,3 +859,12 @@ def test_binding_response_property(request: bytes, host: str, port: int) -> None
         listed = stun.decode_unknown_attributes(answer.get(Attr.UNKNOWN_ATTRIBUTES) or b"")
         assert listed == stun.parse(request).unknown_required(stun.BINDING_REQUEST_ATTRIBUTES)
         assert len(response) <= len(request) + 12
+
+
+@pytest.mark.parametrize("method", list(Method))
+def test_every_method_starts_in_rfc_7983s_stun_range(method: Method) -> None:
+    """
+    Wireshark and every RFC 7983 demultiplexer take only first bytes 0-3 for STUN.
+    """
+    for cls in MessageClass:
+        assert stun.build(method, cls, TID, [])[0] <= 3, (method, cls)
