@@ -1,6 +1,7 @@
 """
-Tunnel set-up through the NAT lab's real Linux NATs (design.md §6): setup
-time per scenario, and time to connect under 0%, 10% and 30% loss.
+Tunnel set-up through the NAT lab's real Linux NATs (docs/architecture.rst,
+"The NAT lab"): setup time per scenario, and time to connect under 0%, 10%
+and 30% loss.
 
 One lab (L{netlab.scenarios.build_matrix_world}) runs a rendezvous
 and an agent per host.  Two ways to open a tunnel are timed:

@@ -258,7 +258,7 @@ def host_of(profile: str, instance: int) -> str:
 def build_matrix_world(lab: Lab, keepalive: float = 2.0) -> World:
     """
     Two sites of every profile, a same-LAN site with two hosts, two cone
-    NATs whose input chains admit unsolicited WAN traffic (design.md §6),
+    NATs whose input chains admit unsolicited WAN traffic (docs/architecture.rst, "The NAT lab"),
     and one more plain cone to face them.
     """
     world = World(lab, keepalive=keepalive)
