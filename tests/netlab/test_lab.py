@@ -11,7 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -56,6 +56,19 @@ def reflectors(lab: Lab) -> Iterator[tuple[Address, Address]]:
 def namespaces() -> set[str]:
     out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
     return {line.split()[0] for line in out.stdout.splitlines() if line}
+
+
+#: How long a child may take to tear its lab down on a machine busy with other work.
+DEADLINE = 60.0
+
+
+def poll(condition: Callable[[], bool], what: str, timeout: float = DEADLINE) -> None:
+    """Wait until ``condition()`` holds; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
 
 
 def alive(pid: int) -> bool:
@@ -227,7 +240,7 @@ def test_teardown_removes_namespaces_files_and_processes() -> None:
             stdout=subprocess.PIPE,
             text=True,
         )
-        escaped_pid = int(escaper.communicate(timeout=5)[0])
+        escaped_pid = int(escaper.communicate(timeout=DEADLINE)[0])
         assert alive(escaped_pid)
         assert set(names) <= namespaces()
     assert not set(names) & namespaces()
@@ -268,7 +281,7 @@ CHILD = textwrap.dedent(
         host = lab.add_site("s", "cone").hosts[0]
         sleeper = host.run(["sleep", "300"])
         print(lab.prefix, sleeper.pid, flush=True)
-        time.sleep(30)
+        time.sleep(300)  # until the test's signal
     """
 )
 
@@ -297,30 +310,38 @@ def test_a_signal_tears_the_lab_down(sig: signal.Signals) -> None:
     try:
         assert lab_namespaces(prefix)
         os.kill(child.pid, sig)
-        child.wait(10)
+        child.wait(DEADLINE)
     finally:
         child.kill()
         child.wait()
     assert lab_namespaces(prefix) == set()
-    assert not alive(pid)
+    poll(lambda: not alive(pid), "the lab's process to be gone")
 
 
 SLOW_TEARDOWN_CHILD = textwrap.dedent(
     """
-    import time
+    import subprocess, sys
     from netlab.lab import Lab
+    marker = sys.argv[1]
+    # Notes teardown's SIGTERM in the marker file, then ignores it: costs
+    # teardown its grace time.
+    script = (
+        f"trap 'echo term > {marker}; trap \\"\\" TERM' TERM; echo ready; "
+        "while :; do sleep 0.1; done"
+    )
     with Lab() as lab:
         host = lab.add_site("s", "cone").hosts[0]
-        host.run(["sh", "-c", "trap '' TERM; sleep 300"])  # costs teardown its grace time
-        time.sleep(0.2)  # let sh set its trap
+        sh = host.run(["sh", "-c", script], stdout=subprocess.PIPE, text=True)
+        assert sh.stdout.readline() == "ready\\n"
         print(lab.prefix, flush=True)
     """
 )
 
 
-def test_a_signal_during_teardown_waits_until_it_is_done() -> None:
+def test_a_signal_during_teardown_waits_until_it_is_done(tmp_path: Path) -> None:
+    marker = tmp_path / "term"
     child = subprocess.Popen(
-        [sys.executable, "-c", SLOW_TEARDOWN_CHILD],
+        [sys.executable, "-c", SLOW_TEARDOWN_CHILD, str(marker)],
         env=child_env(),
         stdout=subprocess.PIPE,
         text=True,
@@ -329,9 +350,10 @@ def test_a_signal_during_teardown_waits_until_it_is_done() -> None:
     assert child.stdout is not None
     try:
         prefix = child.stdout.readline().strip()
-        time.sleep(0.5)  # teardown is now waiting for the process that ignores SIGTERM
+        # Teardown has sent SIGTERM and now waits for the process that ignores it.
+        poll(marker.exists, "teardown to signal the lab's processes")
         os.kill(child.pid, signal.SIGTERM)
-        assert child.wait(10) == 128 + signal.SIGTERM
+        assert child.wait(DEADLINE) == 128 + signal.SIGTERM
         left = lab_namespaces(prefix)
     finally:
         child.kill()
