@@ -548,7 +548,21 @@ class Lab:
                 _signal_group(proc, signal.SIGKILL)
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(_KILL_GRACE)
+        # The rest of a group (a shell's children) gets the same grace to
+        # finish its SIGTERM handling before the sweep kills it.
+        while any(_group_alive(p) for p in running) and time.monotonic() < deadline:
+            time.sleep(0.02)
         _kill_netns_processes(self._netns)
+
+
+def _group_alive(proc: subprocess.Popen[Any]) -> bool:
+    try:
+        os.killpg(proc.pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it exists, owned by someone else
+    return True
 
 
 def _signal_group(proc: subprocess.Popen[Any], sig: int) -> None:
