@@ -7,18 +7,20 @@ STAMP := $(VENV)/.installed
 
 .PHONY: venv test lint typecheck unit demo bench clean
 
-$(STAMP): setup.cfg pyproject.toml
+# The editable install puts the checkout on sys.path (pyproject.toml's
+# dev-mode-dirs), which is how twistd finds twisted/plugins/punchd_plugins.py.
+$(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]' --config-settings editable_mode=compat
+	$(BIN)/python -m pip install -q -e '.[test]'
 	$(BIN)/python -c "from twisted.plugin import IPlugin, getPlugins; import twisted.plugins; list(getPlugins(IPlugin, twisted.plugins))"
 	touch $(STAMP)
 
 venv: $(STAMP)
 
 lint: $(STAMP)
-	$(BIN)/ruff check punchd tests bench twisted/plugins
-	$(BIN)/ruff format --check punchd tests bench twisted/plugins
+	$(BIN)/ruff check punchd netlab tests bench twisted/plugins
+	$(BIN)/ruff format --check punchd netlab tests bench twisted/plugins
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
@@ -29,10 +31,10 @@ unit: $(STAMP)
 test: lint typecheck unit
 
 demo: $(STAMP)
-	$(BIN)/python -m punchd.netlab.demo
+	$(BIN)/python -m netlab.demo
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run_all
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) dist .mypy_cache .ruff_cache .pytest_cache

@@ -1,3 +1,3 @@
 """
-Benchmarks: they print numbers and never pass or fail (design.md §1).
+Benchmarks: they print numbers and never pass or fail (docs/architecture.rst, "Parts").
 """

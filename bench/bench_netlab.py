@@ -1,8 +1,9 @@
 """
-Tunnel set-up through the NAT lab's real Linux NATs (design.md §6): setup
-time per scenario, and time to connect under 0%, 10% and 30% loss.
+Tunnel set-up through the NAT lab's real Linux NATs (docs/architecture.rst,
+"The NAT lab"): setup time per scenario, and time to connect under 0%, 10%
+and 30% loss.
 
-One lab (L{punchd.netlab.scenarios.build_matrix_world}) runs a rendezvous
+One lab (L{netlab.scenarios.build_matrix_world}) runs a rendezvous
 and an agent per host.  Two ways to open a tunnel are timed:
 
   - in-process: this process calls L{punchd.client.connect} and
@@ -43,9 +44,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from netlab.lab import Lab, unavailable_reason
+from netlab.scenarios import World, build_matrix_world, matrix_pairs
 from punchd import client
-from punchd.netlab.lab import Lab, unavailable_reason
-from punchd.netlab.scenarios import World, build_matrix_world, matrix_pairs
 
 NEEDS_ROOT = True
 SERVICE = "bench"

@@ -47,9 +47,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from netlab.deployment import Deployment, free_udp_port
 from punchd import stun, wire
 from punchd.keys import PrivateKey, derive_rendezvous_key
-from punchd.netlab.deployment import Deployment, free_udp_port
 from punchd.stun import Attr, MessageClass, Method
 
 LOSS_FREE = 0.001

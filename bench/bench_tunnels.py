@@ -2,7 +2,7 @@
 Tunnel set-up between two agents on loopback: latency and tunnels per second.
 
 A rendezvous and two agents (alice, bob) run as real processes
-(L{punchd.netlab.deployment.Deployment}); bob's program listens with
+(L{netlab.deployment.Deployment}); bob's program listens with
 L{punchd.client.listen} and closes every tunnel it gets, alice's program
 opens tunnels with L{punchd.client.connect}.  Numbers, not pass/fail:
 
@@ -46,8 +46,8 @@ from types import FrameType
 from typing import Any
 
 import twisted
+from netlab.deployment import Deployment
 from punchd import client
-from punchd.netlab.deployment import Deployment
 
 SERVICE = "bench"
 REFUSED_SERVICE = "nobody-listens"

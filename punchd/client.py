@@ -3,8 +3,9 @@ Ask the local punch-agent for tunnels: the module programs import.
 
 Standard library only, so that any Python program can use punchd without
 Twisted.  Each call opens its own connection to the agent's control socket
-(design.md §4) and speaks newline-delimited JSON on it; a tunnel arrives as a
-connected UDP socket whose descriptor the agent passes with SCM_RIGHTS.
+and speaks newline-delimited JSON on it (docs/architecture.rst, "Control
+socket"); a tunnel arrives as a connected UDP socket whose descriptor the
+agent passes with SCM_RIGHTS.
 
     with punchd.client.connect("bob", "chat") as tunnel:
         tunnel.socket.send(b"hello")

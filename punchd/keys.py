@@ -20,7 +20,9 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+#: Bytes in an X25519 key, public or private.
 KEY_LENGTH = 32
+#: Bytes in a tunnel id and in the responder's tunnel nonce, both salt for the tunnel key.
 TUNNEL_ID_LENGTH = 16
 
 _RENDEZVOUS_INFO = b"punchd v1 rendezvous"

@@ -31,13 +31,19 @@ class MessageClass(enum.IntEnum):
 
 
 class Method(enum.IntEnum):
+    """
+    Binding, and punchd's own methods: unassigned numbers below 0x100, so
+    that the message type's first byte stays in RFC 7983's STUN range (0-3)
+    and Wireshark decodes them (docs/protocol.rst, "Methods").
+    """
+
     BINDING = 0x001
-    REGISTER = 0x801
-    PEERS = 0x802
-    CONNECT = 0x803
-    INCOMING = 0x804
-    CONFIRM = 0x805
-    ABANDON = 0x806
+    REGISTER = 0x0F1
+    PEERS = 0x0F2
+    CONNECT = 0x0F3
+    INCOMING = 0x0F4
+    CONFIRM = 0x0F5
+    ABANDON = 0x0F6
 
 
 class Attr(enum.IntEnum):
@@ -66,17 +72,6 @@ class Attr(enum.IntEnum):
     MORE = 0x4D08
     WAIT = 0x4D09
     TUNNEL_NONCE = 0x4D0A
-
-
-class CandidateKind(enum.IntEnum):
-    """
-    The kind byte of a CANDIDATE attribute (docs/protocol.rst).
-    """
-
-    HOST = 0
-    SRFLX = 1
-    PRFLX = 2
-    RELAY = 3
 
 
 def _attr_name(attr_type: int) -> str:
@@ -499,29 +494,26 @@ def decode_address(value: bytes) -> tuple[str, int]:
     return _host_text(packed), port
 
 
-_CANDIDATE_KINDS = frozenset(int(kind) for kind in CandidateKind)
-
-
 def encode_candidate(kind: int, host: str, port: int, transaction_id: bytes) -> bytes:
     """
     A CANDIDATE value: the kind byte in place of XOR-MAPPED-ADDRESS's
     leading zero byte (docs/protocol.rst); 8 bytes for IPv4, 20 for IPv6.
+    Which kinds exist is L{punchd.wire.CandidateKind}'s business, not the codec's.
     """
-    if kind not in _CANDIDATE_KINDS:
-        raise ValueError(f"unknown candidate kind {kind}")
+    if not 0 <= kind <= 0xFF:
+        raise ValueError(f"candidate kind {kind} does not fit in a byte")
     return bytes((kind,)) + encode_xor_address(host, port, transaction_id)[1:]
 
 
 def decode_candidate(value: bytes, transaction_id: bytes) -> tuple[int, str, int]:
     """
-    C{(kind, host, port)} of a CANDIDATE value; kind is a L{CandidateKind}.
+    C{(kind, host, port)} of a CANDIDATE value; the kind byte is returned as
+    is, for L{punchd.wire.CandidateKind} to judge.
     """
     if not value:
         raise BadAttribute("empty", Attr.CANDIDATE)
-    if value[0] not in _CANDIDATE_KINDS:
-        raise BadAttribute(f"unknown candidate kind {value[0]}", Attr.CANDIDATE)
     host, port = _decode_xor(b"\x00" + value[1:], transaction_id, Attr.CANDIDATE)
-    return CandidateKind(value[0]), host, port
+    return value[0], host, port
 
 
 # -- other attribute values ----------------------------------------------

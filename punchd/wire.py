@@ -12,15 +12,16 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from punchd import stun
+from punchd.keys import KEY_LENGTH, PublicKey
+from punchd.keys import TUNNEL_ID_LENGTH as TUNNEL_ID_LENGTH
 from punchd.stun import Attr, MessageClass
 
 #: Peer, agent and service names: short, printable, safe in logs and paths.
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 
-TUNNEL_ID_LENGTH = 16
 MAX_CANDIDATES = 16
 
-#: STUN error code -> punchd error name (design.md §4).
+#: STUN error code -> the control socket's error name (docs/architecture.rst).
 ERROR_NAMES: dict[int, str] = {
     400: "bad-request",
     401: "unauthorized",
@@ -173,6 +174,26 @@ def decode_tunnel_id(message: stun.Message) -> bytes:
     if value is None or len(value) != TUNNEL_ID_LENGTH:
         raise ProtocolError(400, "missing or bad tunnel id")
     return value
+
+
+def decode_tunnel_nonce(message: stun.Message) -> bytes:
+    """
+    The responder's TUNNEL-NONCE, or L{ProtocolError} 400.
+    """
+    value = message.get(Attr.TUNNEL_NONCE)
+    if value is None or len(value) != TUNNEL_ID_LENGTH:
+        raise ProtocolError(400, "missing or bad tunnel nonce")
+    return value
+
+
+def decode_public_key(message: stun.Message) -> PublicKey:
+    """
+    The PUBLIC-KEY the rendezvous vouches for, or L{ProtocolError} 400.
+    """
+    value = message.get(Attr.PUBLIC_KEY)
+    if value is None or len(value) != KEY_LENGTH:
+        raise ProtocolError(400, "missing or bad public key")
+    return PublicKey(value)
 
 
 def error_attributes(code: int, reason: str | None = None) -> list[tuple[int, bytes]]:

@@ -338,7 +338,7 @@ def test_a_full_backlog_makes_the_client_wait(path: str) -> None:
         with conn:
             request = read_request(conn)
             conn.sendall(line({"id": request["id"], "ok": True, "status": {"name": "x"}}))
-            waiting.join(5)
+            waiting.join(30)
     finally:
         server.close()
     assert result == {"name": "x"}

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from netlab.deployment import Deployment
 from punchd import client
-from punchd.netlab.deployment import Deployment
 
 
 @pytest.fixture(scope="module")

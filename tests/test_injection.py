@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from punchd import client
-from punchd.netlab.deployment import Deployment
+from netlab.deployment import Deployment
 
 MARK = b"INJECTED"
 TUNNELS = 20

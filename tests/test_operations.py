@@ -40,7 +40,7 @@ from punchd import client
 from punchd.config import AgentConfig, RendezvousConfig, load_peers
 from punchd.config import settings as settings_of
 from punchd.keys import PrivateKey, write_private_key
-from punchd.netlab.deployment import Deployment, free_udp_port
+from netlab.deployment import Deployment, free_udp_port
 
 REPO = Path(__file__).resolve().parent.parent
 ETC = REPO / "etc"

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
 
-#: Error codes a program may see (design.md §4).
+#: Error codes a program may see (docs/architecture.rst, "Error codes").
 ERROR_CODES = frozenset(
     {
         "bad-request",
@@ -52,7 +52,8 @@ class HandOff:
 
     C{sock} is the agent's copy of the connected UDP socket: the control
     layer sends its descriptor with the reply line describing C{info}, then
-    closes it.  C{info} is the JSON-ready tunnel description of design.md §4.
+    closes it.  C{info} is the JSON-ready tunnel description of
+    docs/architecture.rst ("Control socket").
     """
 
     sock: socket.socket

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from punchd.netlab import lab as netlab
+from netlab import lab as netlab
 
 
 def requires_root() -> None:

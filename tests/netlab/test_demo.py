@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from punchd.netlab import demo
-from punchd.netlab import lab as netlab
+from netlab import child_env, demo
+from netlab import lab as netlab
 
 SHOWN = [
     "connected to bob via direct",
@@ -24,7 +24,8 @@ SHOWN = [
 @pytest.mark.netlab
 def test_demo_through_the_nat_lab() -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "punchd.netlab.demo"],
+        [sys.executable, "-m", "netlab.demo"],
+        env=child_env(),
         capture_output=True,
         text=True,
         timeout=120,

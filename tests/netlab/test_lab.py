@@ -11,12 +11,13 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from punchd.netlab.lab import (
+from netlab import child_env
+from netlab.lab import (
     CARRIER_LINKS,
     INTERNET,
     RENDEZVOUS_ADDRESS,
@@ -24,7 +25,7 @@ from punchd.netlab.lab import (
     Lab,
     cleanup_stale,
 )
-from punchd.netlab.udp import Address, Reflector, UdpEndpoint
+from netlab.udp import Address, Reflector, UdpEndpoint
 
 pytestmark = pytest.mark.netlab
 
@@ -55,6 +56,19 @@ def reflectors(lab: Lab) -> Iterator[tuple[Address, Address]]:
 def namespaces() -> set[str]:
     out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
     return {line.split()[0] for line in out.stdout.splitlines() if line}
+
+
+#: How long a child may take to tear its lab down on a machine busy with other work.
+DEADLINE = 60.0
+
+
+def poll(condition: Callable[[], bool], what: str, timeout: float = DEADLINE) -> None:
+    """Wait until ``condition()`` holds; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
 
 
 def alive(pid: int) -> bool:
@@ -226,7 +240,7 @@ def test_teardown_removes_namespaces_files_and_processes() -> None:
             stdout=subprocess.PIPE,
             text=True,
         )
-        escaped_pid = int(escaper.communicate(timeout=5)[0])
+        escaped_pid = int(escaper.communicate(timeout=DEADLINE)[0])
         assert alive(escaped_pid)
         assert set(names) <= namespaces()
     assert not set(names) & namespaces()
@@ -262,12 +276,12 @@ def test_an_exception_inside_the_with_still_tears_down() -> None:
 CHILD = textwrap.dedent(
     """
     import sys, time
-    from punchd.netlab.lab import Lab
+    from netlab.lab import Lab
     with Lab() as lab:
         host = lab.add_site("s", "cone").hosts[0]
         sleeper = host.run(["sleep", "300"])
         print(lab.prefix, sleeper.pid, flush=True)
-        time.sleep(30)
+        time.sleep(300)  # until the test's signal
     """
 )
 
@@ -275,7 +289,11 @@ CHILD = textwrap.dedent(
 def start_child() -> tuple[subprocess.Popen[str], str, int]:
     """A separate process owning a lab; returns it, the lab prefix and a pid in the lab."""
     child = subprocess.Popen(
-        [sys.executable, "-c", CHILD], stdout=subprocess.PIPE, text=True, start_new_session=True
+        [sys.executable, "-c", CHILD],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env=child_env(),
     )
     assert child.stdout is not None
     prefix, pid = child.stdout.readline().split()
@@ -292,30 +310,39 @@ def test_a_signal_tears_the_lab_down(sig: signal.Signals) -> None:
     try:
         assert lab_namespaces(prefix)
         os.kill(child.pid, sig)
-        child.wait(10)
+        child.wait(DEADLINE)
     finally:
         child.kill()
         child.wait()
     assert lab_namespaces(prefix) == set()
-    assert not alive(pid)
+    poll(lambda: not alive(pid), "the lab's process to be gone")
 
 
 SLOW_TEARDOWN_CHILD = textwrap.dedent(
     """
-    import time
-    from punchd.netlab.lab import Lab
+    import subprocess, sys
+    from netlab.lab import Lab
+    marker = sys.argv[1]
+    # Notes teardown's SIGTERM in the marker file, then ignores it: costs
+    # teardown its grace time.
+    script = (
+        f"trap 'echo term > {marker}; trap \\"\\" TERM' TERM; echo ready; "
+        "while :; do sleep 0.1; done"
+    )
     with Lab() as lab:
         host = lab.add_site("s", "cone").hosts[0]
-        host.run(["sh", "-c", "trap '' TERM; sleep 300"])  # costs teardown its grace time
-        time.sleep(0.2)  # let sh set its trap
+        sh = host.run(["sh", "-c", script], stdout=subprocess.PIPE, text=True)
+        assert sh.stdout.readline() == "ready\\n"
         print(lab.prefix, flush=True)
     """
 )
 
 
-def test_a_signal_during_teardown_waits_until_it_is_done() -> None:
+def test_a_signal_during_teardown_waits_until_it_is_done(tmp_path: Path) -> None:
+    marker = tmp_path / "term"
     child = subprocess.Popen(
-        [sys.executable, "-c", SLOW_TEARDOWN_CHILD],
+        [sys.executable, "-c", SLOW_TEARDOWN_CHILD, str(marker)],
+        env=child_env(),
         stdout=subprocess.PIPE,
         text=True,
         start_new_session=True,
@@ -323,9 +350,10 @@ def test_a_signal_during_teardown_waits_until_it_is_done() -> None:
     assert child.stdout is not None
     try:
         prefix = child.stdout.readline().strip()
-        time.sleep(0.5)  # teardown is now waiting for the process that ignores SIGTERM
+        # Teardown has sent SIGTERM and now waits for the process that ignores it.
+        poll(marker.exists, "teardown to signal the lab's processes")
         os.kill(child.pid, signal.SIGTERM)
-        assert child.wait(10) == 128 + signal.SIGTERM
+        assert child.wait(DEADLINE) == 128 + signal.SIGTERM
         left = lab_namespaces(prefix)
     finally:
         child.kill()
@@ -337,14 +365,14 @@ def test_a_signal_during_teardown_waits_until_it_is_done() -> None:
 def test_interpreter_exit_tears_down_a_lab_left_open() -> None:
     script = (
         "import sys\n"
-        "from punchd.netlab.lab import Lab\n"
+        "from netlab.lab import Lab\n"
         "lab = Lab().__enter__()\n"
         "lab.add_site('s', 'cone')\n"
         "print(lab.prefix, flush=True)\n"
         "sys.exit(3)\n"
     )
     done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=30
+        [sys.executable, "-c", script], env=child_env(), capture_output=True, text=True, timeout=30
     )
     assert done.returncode == 3, done.stderr
     prefix = done.stdout.strip()

@@ -2,7 +2,7 @@
 
 import pytest
 
-from punchd.netlab import lab as netlab
+from netlab import lab as netlab
 from tests.netlab.conftest import requires_root
 
 

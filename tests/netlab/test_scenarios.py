@@ -10,8 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from punchd.netlab.lab import Lab
-from punchd.netlab.scenarios import (
+from netlab.lab import Lab
+from netlab.scenarios import (
     Outcome,
     World,
     build_matrix_world,

@@ -24,10 +24,10 @@ import pytest
 from aioice import stun as aioice_stun
 from twisted.logger import eventFromJSON, formatEvent
 
+from netlab.deployment import Deployment
 from punchd import client, stun, wire
 from punchd.gather import build_gather_request
 from punchd.keys import PrivateKey, derive_rendezvous_key
-from punchd.netlab.deployment import Deployment
 from punchd.stun import Attr, MessageClass, Method
 
 COOKIE = 0x2112A442

@@ -1,6 +1,6 @@
 """Plain UDP sockets inside lab hosts, for probing what a NAT does.
 
-Two programs, run in a host with ``python -m punchd.netlab.udp``:
+Two programs, run in a host with ``python -m netlab.udp``:
 
 ``reflect PORT``
     answers every datagram with JSON ``{"seen": [ip, port]}``: the source
@@ -31,7 +31,7 @@ from types import TracebackType
 from typing import IO, TYPE_CHECKING, Any, Self
 
 if TYPE_CHECKING:
-    from punchd.netlab.lab import Host
+    from netlab.lab import Host
 
 Address = tuple[str, int]
 
@@ -74,7 +74,7 @@ def _endpoint(port: int, lifetime: float) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Command line entry point: ``reflect PORT`` or ``endpoint [PORT]``."""
-    parser = argparse.ArgumentParser(prog="python -m punchd.netlab.udp")
+    parser = argparse.ArgumentParser(prog="python -m netlab.udp")
     parser.add_argument("mode", choices=["reflect", "endpoint"])
     parser.add_argument("port", type=int, nargs="?", default=0)
     parser.add_argument("--lifetime", type=float, default=_LIFETIME)
@@ -111,7 +111,7 @@ class _LineReader:
 
 def _start(host: Host, mode: str, port: int) -> tuple[subprocess.Popen[bytes], _LineReader, int]:
     proc: subprocess.Popen[bytes] = host.run(
-        [sys.executable, "-m", "punchd.netlab.udp", mode, str(port)],
+        [sys.executable, "-m", "netlab.udp", mode, str(port)],
         stdin=subprocess.PIPE if mode == "endpoint" else subprocess.DEVNULL,
         stdout=subprocess.PIPE,
     )

@@ -39,6 +39,8 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any, Literal, get_args
 
+from netlab import child_env
+
 Profile = Literal["cone", "full-cone", "symmetric", "same-lan", "cgnat"]
 PROFILES: tuple[Profile, ...] = get_args(Profile)
 WanInput = Literal["drop", "accept"]
@@ -526,6 +528,7 @@ class Lab:
     ) -> subprocess.Popen[Any]:
         self._check_open()
         popen_kwargs.setdefault("start_new_session", True)
+        popen_kwargs["env"] = child_env(popen_kwargs.get("env"))
         proc: subprocess.Popen[Any] = subprocess.Popen(
             ["ip", "netns", "exec", netns, *argv], **popen_kwargs
         )
@@ -545,7 +548,21 @@ class Lab:
                 _signal_group(proc, signal.SIGKILL)
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(_KILL_GRACE)
+        # The rest of a group (a shell's children) gets the same grace to
+        # finish its SIGTERM handling before the sweep kills it.
+        while any(_group_alive(p) for p in running) and time.monotonic() < deadline:
+            time.sleep(0.02)
         _kill_netns_processes(self._netns)
+
+
+def _group_alive(proc: subprocess.Popen[Any]) -> bool:
+    try:
+        os.killpg(proc.pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it exists, owned by someone else
+    return True
 
 
 def _signal_group(proc: subprocess.Popen[Any], sig: int) -> None:

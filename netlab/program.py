@@ -3,8 +3,8 @@ The program a lab host runs: it asks its agent for a tunnel (or accepts
 one) through L{punchd.client}, exactly as a user's program would, exchanges
 datagrams across it, and prints one JSON line saying what happened.
 
-    python -m punchd.netlab.program connect PEER SERVICE [--count N] [--timeout S]
-    python -m punchd.netlab.program accept SERVICE [--count N] [--timeout S]
+    python -m netlab.program connect PEER SERVICE [--count N] [--timeout S]
+    python -m netlab.program accept SERVICE [--count N] [--timeout S]
 
 The connecting side sends N numbered pings, each repeated until echoed (the
 lab may drop datagrams); the accepting side echoes whatever arrives until
@@ -76,7 +76,7 @@ def echo(sock: socket.socket, count: int, deadline: float) -> tuple[int, list[by
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="punchd.netlab.program")
+    parser = argparse.ArgumentParser(prog="netlab.program")
     parser.add_argument("--socket", default=None)
     parser.add_argument("--count", type=int, default=20)
     parser.add_argument("--timeout", type=float, default=10.0)

@@ -1,7 +1,7 @@
 """
 punchd inside the NAT lab: a rendezvous on the lab's internet, an agent on
 every host, and tunnels opened between hosts by the lab program
-(L{punchd.netlab.program}) exactly as users' programs open them.
+(L{netlab.program}) exactly as users' programs open them.
 
 Tests, benchmarks and C{make demo} build on L{World}.
 """
@@ -15,8 +15,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from punchd.netlab.deployment import Deployment
-from punchd.netlab.lab import RENDEZVOUS_ADDRESS, Host, Lab, Profile, Site
+from netlab.deployment import Deployment
+from netlab.lab import RENDEZVOUS_ADDRESS, Host, Lab, Profile, Site
 
 RENDEZVOUS_PORT = 3478
 
@@ -111,7 +111,7 @@ class World:
 
     def _program(self, name: str, *args: str) -> list[str]:
         socket_path = self.deployment.agents[name].socket_path
-        return [sys.executable, "-m", "punchd.netlab.program", "--socket", socket_path, *args]
+        return [sys.executable, "-m", "netlab.program", "--socket", socket_path, *args]
 
     def tunnel(
         self,
@@ -258,7 +258,7 @@ def host_of(profile: str, instance: int) -> str:
 def build_matrix_world(lab: Lab, keepalive: float = 2.0) -> World:
     """
     Two sites of every profile, a same-LAN site with two hosts, two cone
-    NATs whose input chains admit unsolicited WAN traffic (design.md §6),
+    NATs whose input chains admit unsolicited WAN traffic (docs/architecture.rst, "The NAT lab"),
     and one more plain cone to face them.
     """
     world = World(lab, keepalive=keepalive)

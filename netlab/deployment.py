@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from netlab import child_env
 from punchd import client
 from punchd.keys import PrivateKey, write_private_key
 from punchd.wire import format_address
@@ -131,7 +132,7 @@ class Deployment:
     def _spawn(self, argv: list[str], log: Path, launch: Launch) -> subprocess.Popen[bytes]:
         out = open(log, "ab")  # the child gets its own copy; ours closes below
         try:
-            env = dict(os.environ, PYTHONUNBUFFERED="1")
+            env = child_env(dict(os.environ, PYTHONUNBUFFERED="1"))
             return launch(argv, cwd=str(self.root), stdout=out, stderr=subprocess.STDOUT, env=env)
         finally:
             out.close()

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any, cast
 
-from punchd.netlab.deployment import Deployment, Launch, local_launch
+from netlab.deployment import Deployment, Launch, local_launch
 
 
 def say(text: str = "") -> None:
@@ -156,8 +156,8 @@ def _tunnel_log(log: Path) -> str | None:
 
 
 def lab_demo() -> None:
-    from punchd.netlab.lab import Lab
-    from punchd.netlab.scenarios import World
+    from netlab.lab import Lab
+    from netlab.scenarios import World
 
     with Lab() as lab:
         world = World(lab)
@@ -208,7 +208,7 @@ def loopback_demo() -> None:
 def main() -> int:
     say("punchd demo: two programs get a direct UDP path through their NATs")
     say()
-    from punchd.netlab.lab import unavailable_reason
+    from netlab.lab import unavailable_reason
 
     reason = unavailable_reason()
     try:
