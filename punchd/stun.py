@@ -660,7 +660,8 @@ def binding_response(request: bytes, host: str, port: int) -> bytes | None:
     IPv6, so it is never larger than the request plus the 12 or 24 bytes of
     the address.  A request with comprehension-required attributes outside
     L{BINDING_REQUEST_ATTRIBUTES} gets a 420 error listing them, with an empty
-    reason phrase to keep it small (at most 12 bytes more than the request).
+    reason phrase to keep it small; the rendezvous sends it only when it is
+    no larger than the request (docs/protocol.rst, "Reply sizes").
     MESSAGE-INTEGRITY is not checked and the answer carries none.
 
     @return: C{None} for anything but a well-formed Binding request, as

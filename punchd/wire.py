@@ -12,8 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from punchd import stun
-from punchd.keys import KEY_LENGTH, PublicKey
-from punchd.keys import TUNNEL_ID_LENGTH as TUNNEL_ID_LENGTH
+from punchd.keys import KEY_LENGTH, TUNNEL_ID_LENGTH, PublicKey
 from punchd.stun import Attr, MessageClass
 
 #: Peer, agent and service names: short, printable, safe in logs and paths.
@@ -44,6 +43,7 @@ REASONS: dict[int, str] = {
     408: "Timeout",
     420: "Unknown Attribute",
     438: "Stale Nonce",
+    439: "Sequence Out Of Window",
     460: "No Listener",
     470: "Not Registered",
     480: "Peer Offline",

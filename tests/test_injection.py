@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from punchd import client
 from netlab.deployment import Deployment
+from punchd import client
 
 MARK = b"INJECTED"
 TUNNELS = 20

@@ -36,11 +36,11 @@ from typing import Any
 import pytest
 from twisted.logger import eventFromJSON, formatEvent
 
+from netlab.deployment import Deployment, free_udp_port
 from punchd import client
 from punchd.config import AgentConfig, RendezvousConfig, load_peers
 from punchd.config import settings as settings_of
 from punchd.keys import PrivateKey, write_private_key
-from netlab.deployment import Deployment, free_udp_port
 
 REPO = Path(__file__).resolve().parent.parent
 ETC = REPO / "etc"

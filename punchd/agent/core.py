@@ -44,7 +44,7 @@ FRIENDLY = {
     "no-listener": "nothing on {peer} listens for service {service}",
     "rejected": "{peer} rejected the tunnel",
     "busy": "too many introductions in progress; try again",
-    "timeout": "{peer} did not answer the introduction",
+    "timeout": "{peer} did not answer the introduction ({reason})",
     "not-registered": "the rendezvous has forgotten this agent; it is registering again",
 }
 
@@ -71,7 +71,7 @@ class Agent:
         self.client = RendezvousClient(
             settings.name, key, reactor, lambda message: self.punch.incoming(message)
         )
-        self.punch = Puncher(settings, reactor, self.client, addresses, sockets)
+        self.punch = Puncher(settings, reactor, self.client, key, addresses, sockets)
         self.registration_core = RegistrationCore(
             clock=reactor,
             attempt=self._register_once,

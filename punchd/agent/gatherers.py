@@ -13,6 +13,7 @@ from typing import Protocol
 
 from punchd import stun
 from punchd.agent.tunnel_messages import mapped_address
+from punchd.gather import build_gather_request, parse_gather_answer
 from punchd.stun import MessageClass, Method
 from punchd.wire import Candidate, CandidateKind
 
@@ -52,4 +53,24 @@ class PlainBinding:
         if answer.method != Method.BINDING or answer.cls != MessageClass.SUCCESS:
             return None
         mapped = mapped_address(answer)
+        return None if mapped is None else Candidate(CandidateKind.SRFLX, *mapped)
+
+
+@dataclass(frozen=True)
+class SignedGather:
+    """
+    The agent's own Binding to the rendezvous, signed with its rendezvous key:
+    exempt from the anonymous per-address limit, so a neighbour flooding
+    Binding requests from our public address cannot starve our gathering.
+    """
+
+    server: Address
+    name: str
+    key: bytes
+
+    def request(self) -> tuple[bytes, bytes]:
+        return build_gather_request(self.name, self.key)
+
+    def candidate(self, answer: stun.Message) -> Candidate | None:
+        mapped = parse_gather_answer(answer, self.key)
         return None if mapped is None else Candidate(CandidateKind.SRFLX, *mapped)

@@ -56,13 +56,11 @@ class RendezvousIntroducer:
         """
         The peer's candidates, key and nonce from the rendezvous' answer.
         """
-        raw = message.get(Attr.PUBLIC_KEY)
-        nonce = message.get(Attr.TUNNEL_NONCE)
-        if raw is None or len(raw) != 32:
-            raise TunnelFailed("internal", "the rendezvous sent no usable key for the peer")
-        if nonce is None or len(nonce) != wire.TUNNEL_ID_LENGTH:
-            raise TunnelFailed("internal", "the peer's answer carried no tunnel nonce")
-        key = PublicKey(raw)
+        try:
+            key = wire.decode_public_key(message)
+            nonce = wire.decode_tunnel_nonce(message)
+        except wire.ProtocolError as e:
+            raise TunnelFailed("internal", f"the rendezvous' answer is unusable: {e}") from None
         if self.pinned is not None and self.pinned != key:
             log.error(
                 "the rendezvous vouched for a key of {peer} that differs from the pinned one",

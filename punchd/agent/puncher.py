@@ -21,14 +21,14 @@ from twisted.python.failure import Failure
 
 from punchd import stun, wire
 from punchd.agent.api import HandOff, ProgressCallback, TunnelFailed
-from punchd.agent.gatherers import PlainBinding
+from punchd.agent.gatherers import SignedGather
 from punchd.agent.introducer import RendezvousIntroducer
 from punchd.agent.rendezvous_client import IncomingAnswer, RendezvousClient
 from punchd.agent.roles import Initiator, Responder, Role
 from punchd.agent.tunnel import SocketFactory, Tunnel, new_tunnel_id
 from punchd.agent.tunnel_socket import TunnelSocket
 from punchd.config import AgentConfig
-from punchd.keys import PublicKey
+from punchd.keys import TUNNEL_ID_LENGTH
 from punchd.stun import Attr, MessageClass
 from punchd.wire import Candidate
 
@@ -53,12 +53,16 @@ class Puncher:
         settings: AgentConfig,
         reactor: Any,
         client: RendezvousClient,
+        key: bytes,
         addresses: Callable[[], list[str]],
         sockets: SocketFactory | None = None,
     ) -> None:
         self.settings = settings
         self.reactor = reactor
         self.client = client
+        self.name = settings.name
+        #: Our rendezvous message key: signs our gathers.
+        self.key = key
         self._addresses = addresses
         self._sockets = sockets or self._tunnel_socket
         self.tunnels: dict[bytes, Tunnel] = {}
@@ -182,7 +186,7 @@ class Puncher:
             own_key=self.settings.private_key,
             timeout=timeout,
             host_addresses=self._addresses(),
-            gatherer=None if server is None else PlainBinding(server),
+            gatherer=None if server is None else SignedGather(server, self.name, self.key),
             progress=progress,
             check_budget=budget,
         )
@@ -217,12 +221,9 @@ class Puncher:
             service = wire.decode_name(message.get(Attr.SERVICE), "service")
             tunnel_id = wire.decode_tunnel_id(message)
             candidates = wire.decode_candidates(message)
-            raw_key = message.get(Attr.PUBLIC_KEY)
-            if raw_key is None or len(raw_key) != 32:
-                raise wire.ProtocolError(400, "missing public key")
+            peer_key = wire.decode_public_key(message)
         except wire.ProtocolError as e:
             return succeed((MessageClass.ERROR, wire.error_attributes(e.code, e.reason)))
-        peer_key = PublicKey(raw_key)
 
         def refuse(code: int, why: str) -> Deferred[IncomingAnswer]:
             log.info(
@@ -247,7 +248,7 @@ class Puncher:
         role = Responder(
             peer_key,
             candidates,
-            nonce=os.urandom(wire.TUNNEL_ID_LENGTH),
+            nonce=os.urandom(TUNNEL_ID_LENGTH),
             holds_first_checks=message.has(Attr.WAIT),
         )
         tunnel = self._tunnel(role, peer, service, tunnel_id, self.settings.connect_timeout)

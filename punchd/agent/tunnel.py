@@ -29,7 +29,7 @@ from punchd.agent.pairs import Address, Pair
 from punchd.agent.roles import Introduced, Role
 from punchd.agent.tunnel_core import StateData, TunnelCore
 from punchd.agent.tunnel_socket import TunnelSocket
-from punchd.keys import PrivateKey, PublicKey
+from punchd.keys import TUNNEL_ID_LENGTH, PrivateKey, PublicKey
 from punchd.retransmit import RequestTimedOut
 from punchd.stun import Attr, MessageClass, Method
 from punchd.wire import Candidate, CandidateKind, format_address
@@ -347,7 +347,7 @@ build_tunnel_machine = build_tunnel_machine_factory()
 
 
 def new_tunnel_id() -> bytes:
-    return os.urandom(wire.TUNNEL_ID_LENGTH)
+    return os.urandom(TUNNEL_ID_LENGTH)
 
 
 class Tunnel:

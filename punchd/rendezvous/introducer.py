@@ -170,11 +170,9 @@ class Introducer:
         if answer.cls == MessageClass.ERROR:
             self._refused(introduction, answer)
             return
-        nonce = answer.get(Attr.TUNNEL_NONCE)
         try:
             candidates = wire.decode_candidates(answer)
-            if nonce is None or len(nonce) != wire.TUNNEL_ID_LENGTH:
-                raise wire.ProtocolError(400, "missing tunnel nonce")
+            nonce = wire.decode_tunnel_nonce(answer)
         except wire.ProtocolError:
             self._counters["introduction-bad-answer"] += 1
             self._finish(introduction, MessageClass.ERROR, wire.error_attributes(403, "Rejected"))

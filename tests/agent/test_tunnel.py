@@ -28,11 +28,12 @@ from twisted.python.failure import Failure
 from punchd import stun, wire
 from punchd.agent import pairs
 from punchd.agent.api import HandOff, TunnelFailed
-from punchd.agent.gatherers import PlainBinding
+from punchd.agent.gatherers import PlainBinding, SignedGather
 from punchd.agent.roles import Initiator, Introduced, Responder, Role
 from punchd.agent.tunnel import FINAL_WORD_WAIT, QUIET, Tunnel, new_tunnel_id
 from punchd.agent.tunnel_core import GATHER_BACKOFF, LINGER_MIN
 from punchd.agent.tunnel_socket import TunnelSocket
+from punchd.gather import build_gather_answer
 from punchd.keys import PrivateKey, derive_tunnel_key
 from punchd.retransmit import RequestTimedOut
 from punchd.stun import Attr, MessageClass, Method
@@ -235,12 +236,13 @@ class Net:
         self._next = Endpoint(self, name, host, on, public, reachable)
         kwargs.setdefault("timeout", 10.0)
         rendezvous = kwargs.pop("rendezvous", None)
+        if rendezvous is not None:
+            kwargs["gatherer"] = PlainBinding(rendezvous)
         return Tunnel(
             clock=self.reactor,
             sockets=lambda family, received, keep: SimSocket(self.reactor, received, keep, self),
             role=make_role(kwargs),
             host_addresses=[host],
-            gatherer=None if rendezvous is None else PlainBinding(rendezvous),
             **kwargs,
         )
 
@@ -1117,6 +1119,49 @@ def test_server_reflexive_gathering(net: Net) -> None:
     }
     net.run(1.0)
     assert_clean_hand_off(pair)
+
+
+GATHER_KEY = b"k" * 32
+
+
+@pytest.mark.parametrize("signed_by", [GATHER_KEY, b"x" * 32, None])
+def test_signed_gathering_takes_only_an_answer_under_our_key(
+    net: Net, signed_by: bytes | None
+) -> None:
+    """
+    The agent's gather is signed with its rendezvous key, and only an answer
+    signed with that key yields a server-reflexive candidate.
+    """
+
+    def rendezvous(data: bytes, source: Address) -> bytes | None:
+        request = stun.parse(data)
+        assert request.get(Attr.USERNAME) == b"alice"
+        assert stun.verify_integrity_sha256(request, GATHER_KEY)
+        if signed_by is None:
+            return stun.binding_response(data, *source)
+        return build_gather_answer(request.transaction_id, source, signed_by)
+
+    net.servers[RENDEZVOUS] = rendezvous
+    intro = Intro()
+    tunnel = net.make(
+        "a",
+        A_HOST,
+        public=("198.51.100.10", 40000),
+        role="initiator",
+        peer="bob",
+        service="chat",
+        tunnel_id=new_tunnel_id(),
+        own_key=PrivateKey.generate(),
+        introduce=intro,
+        gatherer=SignedGather(RENDEZVOUS, "alice", GATHER_KEY),
+    )
+    results = outcome(tunnel.result)
+    net.run(GATHER_BACKOFF.total() + 0.01)
+    host = Candidate(CandidateKind.HOST, A_HOST, tunnel.sockets[0].local[1])
+    srflx = Candidate(CandidateKind.SRFLX, "198.51.100.10", 40000)
+    assert intro.candidates == ([host, srflx] if signed_by == GATHER_KEY else [host])
+    tunnel.machine.cancel()
+    assert isinstance(results[0], Failure)
 
 
 def test_silent_rendezvous_gathers_host_candidates_only(net: Net) -> None:

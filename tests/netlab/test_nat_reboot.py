@@ -12,8 +12,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from punchd.netlab.lab import Lab
-from punchd.netlab.scenarios import World
+from netlab.lab import Lab
+from netlab.scenarios import World
 
 pytestmark = pytest.mark.netlab
 

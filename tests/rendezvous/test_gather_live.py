@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from netlab.deployment import Deployment
 from punchd import stun
 from punchd.gather import build_gather_request, parse_gather_answer
 from punchd.keys import derive_rendezvous_key
-from punchd.netlab.deployment import Deployment
 from punchd.stun import MessageClass, Method
 
 FLOOD_RATE = 150  # Binding requests per second, well over the default 50

@@ -11,9 +11,9 @@ import socket
 import time
 from pathlib import Path
 
+from netlab.deployment import Deployment
 from punchd import stun, wire
 from punchd.keys import derive_rendezvous_key
-from punchd.netlab.deployment import Deployment
 from punchd.stun import Attr, MessageClass, Method
 
 DAY_US = 86400 * 10**6
