@@ -159,7 +159,7 @@ def twistd_observer() -> ILogObserver:
         return observer(_twistd["log_format"])
     from twisted.scripts._twistd_unix import UnixAppLogger
 
-    own = UnixAppLogger(options)._getLogObserver()  # type: ignore[no-untyped-call]
+    own = UnixAppLogger(options)._getLogObserver()
     if not ILogObserver.providedBy(own):  # syslog's is a legacy observer
         own = LegacyLogObserverWrapper(own)
     return _filtered(own)
