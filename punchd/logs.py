@@ -2,9 +2,8 @@
 Log output for both daemons: text lines for people and journald, JSON lines
 for machines.
 
-twistd picks its log observer from the application's ILogObserver component
-when there is one, so a daemon's service installs ours as it joins the
-application (L{LoggingService}); without a reason to, twistd's own stays.
+Both launchers, twistd and twist, are told while they parse their options
+to log punchd's lines at punchd's level (L{adopt_launcher}).
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ from twisted.application import service
 from twisted.logger import (
     FilteringLogObserver,
     ILogObserver,
+    LegacyLogObserverWrapper,
     LogLevel,
     LogLevelFilterPredicate,
     formatEvent,
@@ -95,35 +95,74 @@ def _iso(when: float | None) -> str:
     return formatTime(when)
 
 
-def observer(log_format: str, stream: IO[str] | None = None) -> ILogObserver:
+def lines(log_format: str, stream: IO[str] | None = None) -> ILogObserver:
     """
-    The observer for C{log_format} ("text" or "json"), at info level
-    (debug when PUNCHD_DEBUG is set).
+    punchd's lines for C{log_format} ("text" or "json"), every level.
     """
     out = stream if stream is not None else sys.stdout
     if log_format == "json":
-        inner: ILogObserver = JSONLines(out)
-    else:
-        inner = TextLines(out, timestamps="JOURNAL_STREAM" not in os.environ)
+        return JSONLines(out)
+    return TextLines(out, timestamps="JOURNAL_STREAM" not in os.environ)
+
+
+def _filtered(inner: ILogObserver) -> ILogObserver:
     return FilteringLogObserver(inner, [LogLevelFilterPredicate(defaultLogLevel=_level())])
 
 
-def wanted(log_format: str) -> bool:
+def observer(log_format: str, stream: IO[str] | None = None) -> ILogObserver:
     """
-    Whether punchd's observer should replace the launcher's own: JSON was
-    asked for, journald is reading, or debug lines are.
+    punchd's lines for C{log_format}, at info level (debug when PUNCHD_DEBUG
+    is set).
     """
-    return log_format == "json" or "JOURNAL_STREAM" in os.environ or _debug()
+    return _filtered(lines(log_format, stream))
+
+
+#: What L{twistd_observer} needs, recorded while twistd parses its options.
+_twistd: dict[str, Any] = {}
 
 
 def adopt_launcher(options: Any, log_format: str) -> None:
     """
-    Under C{twist}, whose runner reads its log observer factory from the
-    parent options rather than from the application, put punchd's there.
+    Make the launcher log punchd's lines at punchd's level; a daemon's
+    options call this once parsed, when C{options.parent} is the launcher's.
+
+    twistd logs every level unless told otherwise, and its one hook that
+    wins over C{--logfile} and the application is C{--logger}, the dotted
+    name of a factory, which we fill in unless the user did.  C{twist}
+    reads its observer factory and level from its own options.
     """
     parent = getattr(options, "parent", None)
-    if parent is not None and "fileLogObserverFactory" in parent and wanted(log_format):
-        parent["fileLogObserverFactory"] = lambda out: observer(log_format, out)
+    if parent is None:
+        return
+    if "fileLogObserverFactory" in parent:  # twist
+        parent["fileLogObserverFactory"] = lambda out: lines(log_format, out)
+        parent["logFormat"] = log_format
+        if _debug():
+            parent["logLevel"] = LogLevel.debug
+    elif "logger" in parent and parent["logger"] is None:  # twistd
+        _twistd.update(options=parent, log_format=log_format)
+        parent["logger"] = f"{__name__}.twistd_observer"
+
+
+def twistd_observer() -> ILogObserver:
+    """
+    twistd's C{--logger} factory: punchd's lines in the foreground on
+    stdout; twistd's own text at punchd's level for C{--logfile}, a
+    daemon's C{twistd.log}, or C{--syslog}.
+    """
+    options = _twistd["options"]
+    if (
+        options.get("nodaemon")
+        and not options.get("syslog")
+        and (options.get("logfile") or "-") == "-"
+    ):
+        return observer(_twistd["log_format"])
+    from twisted.scripts._twistd_unix import UnixAppLogger
+
+    own = UnixAppLogger(options)._getLogObserver()
+    if not ILogObserver.providedBy(own):  # syslog's is a legacy observer
+        own = LegacyLogObserverWrapper(own)
+    return _filtered(own)
 
 
 def notify_ready() -> None:
@@ -145,16 +184,10 @@ def notify_ready() -> None:
 
 class LoggingService(service.MultiService):
     """
-    A daemon's top service: installs punchd's log observer into the
-    application when JSON was asked for, when running under systemd, or
-    when PUNCHD_DEBUG is set.
+    A daemon's top service.  Logging itself is set up by L{adopt_launcher}
+    while the launcher parses options, before any service exists.
     """
 
     def __init__(self, log_format: str) -> None:
         super().__init__()
         self.log_format = log_format
-
-    def setServiceParent(self, parent: Any) -> None:
-        if wanted(self.log_format) and hasattr(parent, "setComponent"):
-            parent.setComponent(ILogObserver, observer(self.log_format))
-        super().setServiceParent(parent)

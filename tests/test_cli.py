@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 import pytest_twisted
 
-from punchd.cli import main
+from punchd import __version__
+from punchd.cli import describe_status, duration, main
 from punchd.keys import PublicKey, load_private_key
 from tests.agent import (  # noqa: F401 (the *_fixture names register fixtures)
     FakeCore,
@@ -114,6 +115,24 @@ def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
     assert "keygen" in capsys.readouterr().out
 
 
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"punchctl {__version__}\n"
+
+
+@pytest.mark.parametrize(
+    ("command", "words"), [("keygen", "refused if it exists"), ("pubkey", "private key file")]
+)
+def test_key_commands_describe_their_file(
+    command: str, words: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main([command, "--help"]) == 0
+    (line,) = [
+        line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("FILE")
+    ]
+    assert words in line
+
+
 @pytest.mark.parametrize(
     "args", [["status"], ["peers"], ["connect", "bob", "chat"], ["listen", "chat"]]
 )
@@ -124,24 +143,107 @@ def test_an_absent_agent_is_one_clear_line(sockdir: str, args: list[str]) -> Non
     assert result.stdout == b""
     line = one_error_line(result.stderr)
     assert absent in line
-    assert "(agent-unreachable)" in line
+    assert "$PUNCHD_SOCKET named it; --socket PATH chooses another" in line
+    assert line.endswith("(agent-unreachable)\n")
 
 
 def test_socket_option_wins_over_the_environment(sockdir: str) -> None:
     chosen = os.path.join(sockdir, "chosen.sock")
     result = punchctl(os.path.join(sockdir, "env.sock"), "--socket", chosen, "status")
     assert result.returncode == 1
-    assert chosen in one_error_line(result.stderr)
+    line = one_error_line(result.stderr)
+    assert f"at {chosen}: " in line
+    assert "(--socket named it)" in line
+    assert "PUNCHD_SOCKET" not in line
+
+
+def test_the_default_socket_is_named_as_such(
+    sockdir: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    default = os.path.join(sockdir, "default.sock")
+    monkeypatch.setattr("punchd.cli.DEFAULT_SOCKET_PATH", default)
+    monkeypatch.delenv("PUNCHD_SOCKET", raising=False)
+    assert main(["status"]) == 1
+    line = one_error_line(capsys.readouterr().err.encode())
+    assert f"at {default}: " in line
+    assert "(the default; --socket PATH or $PUNCHD_SOCKET chooses another)" in line
+
+
+#: What a real agent's status says, some time after it started.
+STATUS = {
+    "name": "alice",
+    "registration": "registered",
+    "rendezvous": "rendezvous.example.net:3478",
+    "rendezvous_address": "203.0.113.10:3478",
+    "mapped": "203.0.113.11:39705",
+    "registered_at": 1_000_000.0,
+    "last_error": None,
+    "keepalive": 20.0,
+    "listening": ["chat", "files"],
+    "tunnels": {"in_progress": 1, "established": 12, "failed": 2},
+    "uptime": 7500.4,
+}
+
+
+def test_status_reads_as_words() -> None:
+    text = describe_status(STATUS, now=1_000_000.0 + 190)
+    assert text.splitlines() == [
+        "agent           alice, up 2h 5m",
+        "state           registered 3m ago, refreshed every 20s",
+        "rendezvous      rendezvous.example.net:3478 (203.0.113.10:3478)",
+        "public address  203.0.113.11:39705",
+        "tunnels         1 in progress, 12 established, 2 failed",
+        "listening for   chat, files",
+    ]
+
+
+def test_status_of_an_agent_that_lost_its_registration() -> None:
+    status = {
+        **STATUS,
+        "registration": "retrying",
+        "rendezvous_address": "rendezvous.example.net:3478",
+        "last_error": "the rendezvous did not answer",
+        "listening": [],
+        "refused": True,  # a field this punchctl does not know yet
+    }
+    lines = describe_status(status, now=1_000_000.0 + 3 * 86400 + 4 * 3600).splitlines()
+    assert (
+        "state           not registered, retrying (see last error); last registered 3d 4h ago"
+        in lines
+    )
+    assert "rendezvous      rendezvous.example.net:3478" in lines
+    assert "last error      the rendezvous did not answer" in lines
+    assert "refused         yes" in lines
+    assert not any(line.startswith("listening") for line in lines)
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (0.2, "0s"),
+        (45, "45s"),
+        (59.6, "1m"),
+        (190, "3m"),
+        (3600, "1h"),
+        (7500, "2h 5m"),
+        (86400, "1d"),
+        (90000, "1d 1h"),
+    ],
+)
+def test_durations(seconds: float, text: str) -> None:
+    assert duration(seconds) == text
 
 
 @pytest_twisted.ensureDeferred
 async def test_status_and_peers(core: FakeCore, agent_socket: str) -> None:
+    core.status_value = {**STATUS, "registered_at": time.time() - 125}
     result = await in_thread(punchctl, agent_socket, "status")
     assert result.returncode == 0
     lines = result.stdout.decode().splitlines()
-    assert "name: alice" in lines
-    assert "registered: true" in lines
-    assert 'tunnels: {"pending": 0, "handed_off": 3}' in lines
+    assert lines[:2] == [
+        "agent           alice, up 2h 5m",
+        "state           registered 2m ago, refreshed every 20s",
+    ]
     result = await in_thread(punchctl, agent_socket, "status", "--json")
     assert json.loads(result.stdout) == core.status_value
     result = await in_thread(punchctl, agent_socket, "peers")
@@ -249,3 +351,39 @@ async def test_interrupting_connect_is_quiet_and_cancels(core: FakeCore, agent_s
         for pipe in proc.stdin, proc.stdout, proc.stderr:
             pipe.close()
     await wait_until(lambda: core.cancelled == ["hold-bob"])
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_idle_chat_sends_keepalives_and_prints_none(
+    core: FakeCore, agent_socket: str
+) -> None:
+    """
+    With stdin open and quiet, punchctl sends empty datagrams; those that
+    arrive (the peer punchctl's keepalives) are not printed.
+    """
+    proc = start_punchctl(agent_socket, "connect", "bob", "chat", "--keepalive", "0.2")
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        await wait_until(lambda: "t0" in core.far_ends, timeout=10)
+        far = core.far_ends["t0"]
+        far.settimeout(10)
+        assert await in_thread(received, core, "t0", 2) == [b"", b""]
+        far.send(b"")
+        far.send(b"after a keepalive")
+        proc.stdin.write(b"bye\n")
+        proc.stdin.close()
+        assert await in_thread(proc.wait, 10) == 0
+        assert proc.stdout.read() == b"after a keepalive\n"
+    finally:
+        proc.kill()
+        proc.wait()
+        for pipe in proc.stdin, proc.stdout, proc.stderr:
+            pipe.close()
+    rest = []
+    far.settimeout(0)
+    while True:
+        try:
+            rest.append(far.recv(65535))
+        except BlockingIOError:
+            break
+    assert b"bye" in rest and set(rest) <= {b"", b"bye"}
