@@ -21,7 +21,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from punchd import __version__, client
+from punchd import __version__, client, examples
 from punchd.client import DEFAULT_SOCKET_PATH, Listener, Tunnel, TunnelError
 
 _DATAGRAM_MAX = 65535
@@ -434,6 +434,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_chat_options(listen)
     listen.set_defaults(func=_listen)
+    examples.add_command(commands)
     return parser
 
 

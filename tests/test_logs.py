@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
+from netlab.deployment import TWIST, Deployment
 from punchd import client
-from punchd.netlab.deployment import TWIST, Deployment
 
 BIN = Path(sys.executable).parent
 #: A punchd text line: time, [namespace#level], message.

@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
+from netlab.deployment import Deployment
 from punchd import client
-from punchd.netlab.deployment import Deployment
 
 README = Path(__file__).resolve().parent.parent / "README.rst"
 BOB = "# on bob's host\n"
