@@ -196,6 +196,23 @@ def decode_public_key(message: stun.Message) -> PublicKey:
     return PublicKey(value)
 
 
+def timestamp(now: float) -> tuple[int, bytes]:
+    """
+    A TIMESTAMP attribute: C{now} (seconds) in microseconds.
+    """
+    return (Attr.TIMESTAMP, stun.encode_u64(int(now * 1_000_000)))
+
+
+def decode_timestamp(message: stun.Message) -> float:
+    """
+    The TIMESTAMP of C{message} in seconds, or L{ProtocolError} 400.
+    """
+    value = message.get(Attr.TIMESTAMP)
+    if value is None or len(value) != 8:
+        raise ProtocolError(400, "missing or bad timestamp")
+    return stun.decode_u64(value) / 1_000_000
+
+
 def error_attributes(code: int, reason: str | None = None) -> list[tuple[int, bytes]]:
     return [(Attr.ERROR_CODE, stun.encode_error_code(code, reason or REASONS.get(code, "Error")))]
 

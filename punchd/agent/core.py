@@ -136,6 +136,10 @@ class Agent:
             if value is None or lifetime is None or len(lifetime) != 4:
                 raise RendezvousError(500, "registration reply without mapped address")
             mapped = stun.decode_xor_address(value, message.transaction_id)
+            try:
+                self.punch.rendezvous_clock(wire.decode_timestamp(message))
+            except wire.ProtocolError:
+                log.warn("the rendezvous' reply carries no time: introductions will be refused")
             return (mapped, stun.decode_u32(lifetime))
 
         return self._resolve().addCallback(resolved).addCallback(registered)

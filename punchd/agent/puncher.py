@@ -38,6 +38,9 @@ MAX_TUNNELS = 1024
 MAX_TUNNELS_PER_PEER = 512
 FIRST_ROUND = 1.5
 MIN_SECOND_ROUND = 1.0
+#: How far an Incoming's time may be from the rendezvous' (as we estimate
+#: it): well past its retransmissions, well short of a replay after a restart.
+FRESH_INTRODUCTION = 30.0
 
 #: Turns a failure from the rendezvous into a L{TunnelFailed} for the program.
 Explain = Callable[[Failure], Failure]
@@ -69,6 +72,7 @@ class Puncher:
         self.listeners: dict[str, list[Callable[[HandOff], None]]] = {}
         self.established = 0
         self.failed = 0
+        self._rendezvous_offset: float | None = None
 
     def _tunnel_socket(
         self,
@@ -77,6 +81,19 @@ class Puncher:
         keep: Callable[[bytes, tuple[str, int]], bool],
     ) -> TunnelSocket:
         return TunnelSocket(self.reactor, received, keep, family=family)
+
+    def rendezvous_clock(self, now: float) -> None:
+        """
+        The rendezvous' time, as its latest Register reply said: introductions
+        are checked against it, not against our own clock (which may be off).
+        """
+        self._rendezvous_offset = now - self.reactor.seconds()
+
+    def _fresh(self, sent_at: float) -> bool:
+        if self._rendezvous_offset is None:
+            return False
+        rendezvous_now: float = self.reactor.seconds() + self._rendezvous_offset
+        return abs(rendezvous_now - sent_at) <= FRESH_INTRODUCTION
 
     def counts(self) -> dict[str, int]:
         return {
@@ -222,6 +239,7 @@ class Puncher:
             tunnel_id = wire.decode_tunnel_id(message)
             candidates = wire.decode_candidates(message)
             peer_key = wire.decode_public_key(message)
+            sent_at = wire.decode_timestamp(message)
         except wire.ProtocolError as e:
             return succeed((MessageClass.ERROR, wire.error_attributes(e.code, e.reason)))
 
@@ -234,6 +252,8 @@ class Puncher:
             )
             return succeed((MessageClass.ERROR, wire.error_attributes(code)))
 
+        if not self._fresh(sent_at):
+            return refuse(403, "the introduction is stale (a replay?)")
         if not self.listeners.get(service):
             return refuse(460, "nothing listens for it")
         pinned = self.settings.pinned_peers.get(peer)

@@ -97,6 +97,7 @@ class Introducer:
                 (Attr.PUBLIC_KEY, request.entry.public_key.raw),
                 *wire.encode_candidates(candidates, incoming_id),
                 *([(Attr.WAIT, b"")] if message.has(Attr.WAIT) else []),
+                wire.timestamp(now),
             ],
             target_key,
         )

@@ -246,7 +246,7 @@ class RendezvousProtocol(DatagramProtocol):
             )
         self.counters["keepalive"] += 1
         self._introducer.heard_from(name)
-        return [mapped, (Attr.LIFETIME, stun.encode_u32(lifetime))]
+        return [mapped, (Attr.LIFETIME, stun.encode_u32(lifetime)), wire.timestamp(now)]
 
     def _peers(self, request: AgentRequest, now: float) -> list[tuple[int, bytes]]:
         after_value = request.message.get(Attr.PEER)
