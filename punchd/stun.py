@@ -73,6 +73,8 @@ class Attr(enum.IntEnum):
     WAIT = 0x4D09
     TUNNEL_NONCE = 0x4D0A
     TIMESTAMP = 0x4D0B
+    RELAY = 0x4D0C
+    RELAY_PORT = 0x4D0D
 
 
 def _attr_name(attr_type: int) -> str:

@@ -76,6 +76,16 @@ class CandidateKind(enum.IntEnum):
         """
         return {0: 126, 1: 100, 2: 110, 3: 0}[int(self)]
 
+    @property
+    def patience(self) -> float | None:
+        """
+        How long a pair of this kind that answered waits for a better pair
+        before it is nominated, when better pairs are still untried; None:
+        a few of its round trips.  A relayed path is the last resort: the
+        direct pairs get time to answer first.
+        """
+        return 0.5 if self is CandidateKind.RELAY else None
+
 
 @dataclass(frozen=True, slots=True)
 class Candidate:

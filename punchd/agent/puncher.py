@@ -15,14 +15,14 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from punchd import stun, wire
 from punchd.agent.api import HandOff, ProgressCallback, TunnelFailed
-from punchd.agent.gatherers import SignedGather
-from punchd.agent.introducer import RendezvousIntroducer
+from punchd.agent.gatherers import RelayBinder, SignedGather
+from punchd.agent.introducer import RendezvousIntroducer, relay_candidate
 from punchd.agent.rendezvous_client import IncomingAnswer, RendezvousClient
 from punchd.agent.roles import Initiator, Responder, Role
 from punchd.agent.tunnel import SocketFactory, Tunnel, new_tunnel_id
@@ -71,6 +71,8 @@ class Puncher:
         self.tunnels: dict[bytes, Tunnel] = {}
         self.listeners: dict[str, list[Callable[[HandOff], None]]] = {}
         self.established = 0
+        #: Of those established, how many go through the relay.
+        self.relayed = 0
         self.failed = 0
         self._rendezvous_offset: float | None = None
 
@@ -99,6 +101,7 @@ class Puncher:
         return {
             "in_progress": len(self.tunnels),
             "established": self.established,
+            "relayed": self.relayed,
             "failed": self.failed,
         }
 
@@ -115,9 +118,7 @@ class Puncher:
         explain: Explain,
     ) -> Deferred[HandOff]:
         if len(self.tunnels) >= MAX_TUNNELS:
-            d: Deferred[HandOff] = Deferred()
-            d.errback(TunnelFailed("busy", "too many tunnels being set up"))
-            return d
+            return fail(TunnelFailed("busy", "too many tunnels being set up"))
         return Deferred.fromCoroutine(self._punch(peer, service, timeout, progress, explain))
 
     async def _punch(
@@ -174,6 +175,8 @@ class Puncher:
             peer,
             service,
             wait=wait,
+            # Round two is the last: a relay too, in case nothing direct works.
+            relay=wait,
             pinned=self.settings.pinned_peers.get(peer),
             explain=explain,
         )
@@ -204,6 +207,7 @@ class Puncher:
             timeout=timeout,
             host_addresses=self._addresses(),
             gatherer=None if server is None else SignedGather(server, self.name, self.key),
+            relay_binder=RelayBinder(self.name, self.key),
             progress=progress,
             check_budget=budget,
         )
@@ -215,6 +219,7 @@ class Puncher:
                 self.failed += 1
             else:
                 self.established += 1
+                self.relayed += isinstance(result, HandOff) and result.info["path"] == "relay"
             return result
 
         tunnel.result.addBoth(done)
@@ -238,6 +243,7 @@ class Puncher:
             service = wire.decode_name(message.get(Attr.SERVICE), "service")
             tunnel_id = wire.decode_tunnel_id(message)
             candidates = wire.decode_candidates(message)
+            candidates += relay_candidate(message, self.client.server)
             peer_key = wire.decode_public_key(message)
             sent_at = wire.decode_timestamp(message)
         except wire.ProtocolError as e:

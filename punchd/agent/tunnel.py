@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 from punchd import stun, wire
 from punchd.agent.api import HandOff, ProgressCallback, TunnelFailed
 from punchd.agent.checks import Checking, check
-from punchd.agent.gatherers import ReflexiveGatherer
+from punchd.agent.gatherers import ReflexiveGatherer, RelayBinder
 from punchd.agent.pairs import Address, Pair
 from punchd.agent.roles import Introduced, Role
 from punchd.agent.tunnel_core import StateData, TunnelCore
@@ -261,6 +261,10 @@ def build_tunnel_machine_factory() -> Callable[[TunnelCore], TunnelInputs]:
             # Our answer to the nomination went out, the confirmation came
             # back: a round trip on this very path.
             core.rtt_samples.append(core.clock.seconds() - core.chosen_at)
+        # The initiator has chosen and confirmed: it needs no more answers
+        # from us, and waits for word that none will come.
+        core.done_answering = True
+        core.role.last_words(core)
         wait_for_stragglers(m, core)
 
     @lingering.upon(TunnelInputs.confirmed).loop()
@@ -371,6 +375,7 @@ class Tunnel:
         timeout: float,
         host_addresses: list[str],
         gatherer: ReflexiveGatherer | None = None,
+        relay_binder: RelayBinder | None = None,
         progress: ProgressCallback = lambda event: None,
         check_budget: float | None = None,
     ) -> None:
@@ -389,6 +394,7 @@ class Tunnel:
             own_key=own_key,
             local_candidates=self._host_candidates(host_addresses),
             gatherer=gatherer,
+            relay_binder=relay_binder,
             progress=progress,
             result=self.result,
             check_budget=check_budget,
@@ -490,7 +496,7 @@ class Tunnel:
             return False
         if message.cls in (MessageClass.SUCCESS, MessageClass.ERROR):
             tid = message.transaction_id
-            return tid == self.core.gather_id or tid in self.core.check_targets
+            return tid in self.core.server_requests or tid in self.core.check_targets
         signer = self.core.signer
         return signer is not None and signer.from_peer(message)
 
@@ -541,12 +547,11 @@ class Tunnel:
         core, tid = self.core, message.transaction_id
         if tid not in core.checks:
             return
-        if tid == core.gather_id:
-            # The rendezvous' answer: the only one not signed with the tunnel key.
-            gatherer = core.gatherer
-            if gatherer is not None and source == gatherer.server:
-                if message.method == Method.BINDING:
-                    core.checks.answer(tid, (message, source))
+        server = core.server_requests.get(tid)
+        if server is not None:
+            # The rendezvous' or the relay's: its parser checks its signature.
+            if source == server:
+                core.checks.answer(tid, (message, source))
             return
         pair = core.check_targets.get(tid)
         signer = core.signer
@@ -558,6 +563,8 @@ class Tunnel:
         core = self.core
         assert core.signer is not None
         known = core.pairs.get(local, source) is not None
+        if core.done_answering:
+            return
         pair = core.pairs.learn(local, source)
         if pair is None:
             return

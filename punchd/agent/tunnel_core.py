@@ -22,12 +22,12 @@ from twisted.python.failure import Failure
 
 from punchd import stun
 from punchd.agent.api import HandOff, ProgressCallback, TunnelFailed
-from punchd.agent.gatherers import ReflexiveGatherer
+from punchd.agent.gatherers import ReflexiveGatherer, RelayBinder
 from punchd.agent.pairs import Address, Pair, Pairs
 from punchd.agent.tunnel_messages import TunnelSigner, mapped_address
 from punchd.keys import PrivateKey, PublicKey
 from punchd.retransmit import Backoff, RequestTimedOut, Transactions
-from punchd.wire import MAX_CANDIDATES, Candidate, format_address
+from punchd.wire import MAX_CANDIDATES, Candidate, CandidateKind, format_address
 
 if TYPE_CHECKING:
     from punchd.agent.roles import Role
@@ -38,6 +38,7 @@ S = TypeVar("S", bound="StateData")
 
 PACING = 0.02
 GATHER_BACKOFF = Backoff(initial=0.1, maximum=0.4, attempts=5)
+RELAY_BIND_BACKOFF = Backoff(initial=0.1, maximum=0.5, attempts=12)
 CHECK_BACKOFF = Backoff(initial=0.1, maximum=0.5, attempts=40)
 NOMINATE_BACKOFF = Backoff(initial=0.1, maximum=0.4, attempts=16)
 GRACE = 0.05
@@ -131,6 +132,7 @@ class TunnelCore:
     own_key: PrivateKey
     local_candidates: list[Candidate]
     gatherer: ReflexiveGatherer | None
+    relay_binder: RelayBinder | None
     progress: ProgressCallback
     result: Deferred[HandOff]
     #: How long round one may probe before giving up when nothing got through.
@@ -144,11 +146,15 @@ class TunnelCore:
     chosen_at: float = 0.0
     #: Why the chosen pair's socket could not be connected, if it could not.
     connect_error: OSError | None = None
-    gather_id: bytes | None = None
+    #: Requests to servers (the rendezvous, the relay) in flight, and where
+    #: each went: only an answer from there counts.
+    server_requests: dict[bytes, Address] = field(default_factory=dict)
     rendezvous_rtt: float | None = None
     confirmations: set[bytes] = field(default_factory=set)
     rtt_samples: list[float] = field(default_factory=list)
     peer_gave_up: bool = False
+    #: We said our last words: no more answers to the peer's checks.
+    done_answering: bool = False
     deadline: IDelayedCall | None = None
     state: StateData | None = None
     checks: Transactions[tuple[stun.Message, Address]] = field(init=False)
@@ -200,7 +206,47 @@ class TunnelCore:
     def add_remotes(self, candidates: list[Candidate]) -> None:
         for candidate in candidates:
             local = self.io.local_for(candidate.host)
-            self.pairs.add(1 if local is None else local, candidate)
+            pair = self.pairs.add(1 if local is None else local, candidate)
+            if candidate.kind == CandidateKind.RELAY and local is not None:
+                self.bind_relay(pair)
+
+    def bind_relay(self, pair: Pair) -> None:
+        """
+        Bind our socket to our relay port, so that checks (and then the
+        program's datagrams) can cross the relay.
+        """
+        binder = self.relay_binder
+        if binder is None:
+            return
+        transaction_id, request = binder.bind(self.tunnel_id)
+        self.server_requests[transaction_id] = pair.address
+
+        def bound(answer: tuple[stun.Message, Address]) -> None:
+            log.debug(
+                "tunnel {id}: bound at the relay {relay} as {mapped}",
+                id=self.id_hex[:12],
+                relay=format_address(pair.address),
+                mapped=binder.bound(answer[0]),
+            )
+
+        def send() -> None:
+            self.io.send(pair.local, request, pair.address)
+
+        self.checks.start(transaction_id, send, RELAY_BIND_BACKOFF).addCallbacks(
+            bound, lambda f: None
+        )
+
+    def release_relay(self) -> None:
+        """
+        Free a relay allocation we are not going to use, at once.
+        """
+        binder = self.relay_binder
+        if binder is None:
+            return
+        for pair in self.pairs:
+            if pair.remote.kind == CandidateKind.RELAY and pair is not self.chosen:
+                for _ in range(ABANDON_COPIES):
+                    self.io.send(pair.local, binder.release(self.tunnel_id), pair.address)
 
     def learn_key(self, peer_key: PublicKey, nonce: bytes) -> None:
         self.signer = TunnelSigner.derive(
@@ -219,7 +265,7 @@ class TunnelCore:
             m.gathered(None)
             return
         transaction_id, request = gatherer.request()
-        self.gather_id = transaction_id
+        self.server_requests[transaction_id] = gatherer.server
         sent_at = [self.clock.seconds()]
 
         def send() -> None:
@@ -257,6 +303,9 @@ class TunnelCore:
         checks left together, so a better path answers within about one more
         round trip of this one, or not at all.
         """
+        patience = pair.remote.kind.patience
+        if patience is not None:
+            return patience
         return min(GRACE, max(GRACE_MIN, 2 * (pair.rtt or 0.0)))
 
     def linger_time(self) -> float:
@@ -309,7 +358,7 @@ class TunnelCore:
         pair = self.chosen
         assert pair is not None
         self.end()
-        self.role.last_words(self)
+        self.release_relay()
         try:
             if self.connect_error is not None:
                 raise self.connect_error
@@ -320,15 +369,17 @@ class TunnelCore:
             return
         info = self.describe(pair)
         log.info(
-            "tunnel {id} to {peer} for {service}: direct via {remote} "
-            "({local_kind} -> {remote_kind}) in {setup_ms} ms",
+            "tunnel {id} to {peer} for {service}: {path} via {remote} "
+            "({local_kind} -> {remote_kind}) in {setup_ms} ms{why}",
             id=self.id_hex[:12],
             peer=self.peer,
             service=self.service,
+            path=info["path"],
             remote=info["remote"],
             local_kind=info["candidates"]["local"],
             remote_kind=info["candidates"]["remote"],
             setup_ms=info["setup_ms"],
+            why=f"; {self.why_relayed()}" if info["path"] == "relay" else "",
         )
         self.result.callback(HandOff(sock, info))
 
@@ -337,6 +388,7 @@ class TunnelCore:
         The tunnel as its program sees it.
         """
         local = pair.mapped or self.io.local_address(pair.local)
+        relayed = pair.remote.kind == CandidateKind.RELAY
         return {
             "id": self.id_hex,
             "peer": self.peer,
@@ -344,11 +396,19 @@ class TunnelCore:
             "role": self.role.name,
             "local": format_address(local),
             "remote": format_address(pair.address),
-            "path": "direct",
-            "candidates": {"local": self.local_kind(pair), "remote": pair.remote.kind.label},
+            "path": "relay" if relayed else "direct",
+            **({"relay": format_address(pair.address)} if relayed else {}),
+            "candidates": {
+                "local": "relay" if relayed else self.local_kind(pair),
+                "remote": pair.remote.kind.label,
+            },
             "rtt_ms": round((pair.rtt or 0.0) * 1000, 3),
             "setup_ms": round((self.clock.seconds() - self.started_at) * 1000, 3),
         }
+
+    def why_relayed(self) -> str:
+        direct = [p.describe() for p in self.pairs if p.remote.kind != CandidateKind.RELAY]
+        return "no direct pair answered: " + ("; ".join(direct) or "the peer offered none")
 
     def local_kind(self, pair: Pair) -> str:
         if pair.mapped is None:
@@ -362,6 +422,7 @@ class TunnelCore:
     def fail(self, error: TunnelFailed) -> None:
         self.end()
         self.send_abandon()
+        self.release_relay()
         self.io.close()
         log.info(
             "tunnel {id} to {peer} for {service} failed after {ms} ms: {code}: {message}",
