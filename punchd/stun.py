@@ -38,6 +38,7 @@ class Method(enum.IntEnum):
     INCOMING = 0x804
     CONFIRM = 0x805
     ABANDON = 0x806
+    RELAY_BIND = 0x0F7
 
 
 class Attr(enum.IntEnum):

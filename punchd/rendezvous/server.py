@@ -26,6 +26,7 @@ from twisted.python.failure import Failure
 from punchd import stun, wire
 from punchd.config import PeerEntry
 from punchd.keys import PrivateKey, derive_rendezvous_key
+from punchd.relay import RelayService
 from punchd.rendezvous.limits import Counters, SourceLimiter
 from punchd.rendezvous.registry import IRegistry, ReplayWindow
 from punchd.retransmit import Backoff, RequestTimedOut, Transactions
@@ -139,8 +140,10 @@ class RendezvousProtocol(DatagramProtocol):
         error_limiter: SourceLimiter,
         max_pending: int = 256,
         max_lifetime: int = 600,
+        relay: RelayService | None = None,
     ) -> None:
         self.directory = directory
+        self.relay = relay
         self.registry = registry
         self.clock = clock
         self.counters = Counters()
