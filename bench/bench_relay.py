@@ -156,8 +156,9 @@ def punchd_relay(
                 process.send_signal(signal.SIGTERM)
                 process.wait(30)
                 assert process.stdout is not None
-                result: dict[str, int] = json.loads(process.stdout.read().splitlines()[-1])
-                return result["counters"]
+                last = json.loads(process.stdout.read().splitlines()[-1])
+                result: dict[str, int] = last["counters"]
+                return result
 
             yield Target("punchd relay", ("127.0.0.1", pa), process.pid), counters
     finally:
@@ -329,7 +330,7 @@ def run_ladders(
         runs["ceiling: C reflector"] = functools.partial(generator.run, reflected)
         echo = stack.enter_context(echo_peer(free_udp_port(), generator.cpu))
         runs["ceiling: echo direct"] = functools.partial(
-            generator.run, direct, expect=ECHOED_BINDING
+            generator.run, echo, expect=ECHOED_BINDING
         )
         relay_sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
         relay_sock.bind(("127.0.0.1", 0))
