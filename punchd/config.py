@@ -19,6 +19,7 @@ import dataclasses
 import difflib
 import functools
 import os
+import re
 import sys
 import tomllib
 from collections.abc import Callable, Mapping
@@ -41,6 +42,7 @@ __all__ = [
     "load_agent_config",
     "load_peers",
     "load_rendezvous_config",
+    "port_range",
     "refuse_to_start",
     "settings",
 ]
@@ -249,6 +251,49 @@ def _pinned(value: Any, place: Place) -> dict[str, PublicKey]:
 
 # -- the config classes --------------------------------------------------------
 
+
+def _boolean(value: Any, place: Place) -> bool:
+    if not isinstance(value, bool):
+        raise Invalid(f"must be true or false, got {show(value)}")
+    return value
+
+
+def _boolean_text(text: str) -> Any:
+    """
+    An on/off option's text; anything else is kept for the check to quote.
+    """
+    words = {"true": True, "yes": True, "on": True, "1": True}
+    words |= {"false": False, "no": False, "off": False, "0": False}
+    return words.get(text.strip().lower(), text)
+
+
+def port_range(text: str) -> tuple[int, int]:
+    """
+    The (low, high) ports of a checked C{relay_ports} value.
+    """
+    low, _, high = text.partition("-")
+    return int(low), int(high)
+
+
+def _port_range(value: Any, place: Place) -> str:
+    """
+    C{"LOW-HIGH"}, ordered, within 1024-65535, at least two ports (one
+    relayed tunnel needs two).
+    """
+    expected = f'must be a port range "LOW-HIGH" within 1024-65535, got {show(value)}'
+    if not isinstance(value, str):
+        raise Invalid(expected)
+    match = re.fullmatch(r"\s*([0-9]{1,5})\s*-\s*([0-9]{1,5})\s*", value)
+    if match is None:
+        raise Invalid(expected)
+    low, high = int(match.group(1)), int(match.group(2))
+    if not 1024 <= low <= 65535 or not 1024 <= high <= 65535:
+        raise Invalid(expected)
+    if high <= low:
+        raise Invalid(f"must be a range LOW-HIGH with LOW below HIGH, got {show(value)}")
+    return f"{low}-{high}"
+
+
 _LOG_FORMAT_HELP = "Log lines as text for people, or json (one object per line) for collectors."
 
 
@@ -295,6 +340,35 @@ class RendezvousConfig:
         "Longest registration lifetime granted, in seconds.",
         default=600,
         from_text=checks.int_text,
+    )
+    relay: bool = setting(
+        _boolean,
+        "Relay tunnels between agents that cannot reach each other directly.",
+        default=True,
+        from_text=_boolean_text,
+    )
+    relay_ports: str = setting(
+        _port_range,
+        'UDP ports the relay opens, two per relayed tunnel: a range "LOW-HIGH" within 1024-65535.',
+        default="49152-65535",
+    )
+    relay_idle_timeout: float = setting(
+        checks.number(1, 86400),
+        "Seconds without a datagram either way before a relayed tunnel is freed.",
+        default=120.0,
+        from_text=checks.float_text,
+    )
+    relay_max_per_agent: int = setting(
+        checks.integer(1, 65536),
+        "Relayed tunnels one agent may have at once, on either side.",
+        default=16,
+        from_text=checks.int_text,
+    )
+    relay_rate: float = setting(
+        checks.number(0, None),
+        "Bytes per second one relayed tunnel may carry, both ways together; 0 for no limit.",
+        default=0.0,
+        from_text=checks.float_text,
     )
     log_format: str = setting(checks.choice("text", "json"), _LOG_FORMAT_HELP, default="text")
     # Derived by load_rendezvous_config.

@@ -44,6 +44,7 @@ class Method(enum.IntEnum):
     INCOMING = 0x0F4
     CONFIRM = 0x0F5
     ABANDON = 0x0F6
+    RELAY_BIND = 0x0F7
 
 
 class Attr(enum.IntEnum):

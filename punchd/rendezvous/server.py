@@ -23,6 +23,7 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
 from punchd import stun, wire
+from punchd.relay import RelayService
 from punchd.rendezvous.answers import RecentAnswers
 from punchd.rendezvous.auth import AgentRequest, Directory, Gate
 from punchd.rendezvous.gathering import GATHER_BURST, GATHER_RATE, Gathers, looks_signed
@@ -65,7 +66,9 @@ class RendezvousProtocol(DatagramProtocol):
         gather_limiter: SourceLimiter | None = None,
         max_pending: int = 256,
         max_lifetime: int = 600,
+        relay: RelayService | None = None,
     ) -> None:
+        self.relay = relay
         self.registry = registry
         self.clock = clock
         self.counters = Counters()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import signal
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application import internet, service
@@ -18,9 +19,11 @@ from punchd.config import (
     RendezvousConfig,
     load_peers,
     load_rendezvous_config,
+    port_range,
     refuse_to_start,
 )
 from punchd.launch import DaemonService, configure, option_parameters
+from punchd.relay import RelayService
 from punchd.rendezvous.limits import SourceLimiter
 from punchd.rendezvous.registry import MemoryRegistry
 from punchd.rendezvous.server import Directory, RendezvousProtocol
@@ -91,7 +94,8 @@ class UDPService(service.Service):
 
 class RendezvousService(DaemonService):
     """
-    The UDP server, its housekeeping timer, and peers-file reload on SIGHUP.
+    The UDP server, its housekeeping timer, the relay (a child service,
+    also C{protocol.relay}, when on) and peers-file reload on SIGHUP.
     """
 
     def __init__(
@@ -105,8 +109,11 @@ class RendezvousService(DaemonService):
         super().__init__(settings.log_format, PROGRAM, launcher)
         self.settings = settings
         self.protocol = protocol
+        self.relay = protocol.relay
         self._reactor = reactor
         UDPService(sock, protocol, reactor).setServiceParent(self)
+        if self.relay is not None:
+            self.relay.setServiceParent(self)
         internet.TimerService(5.0, protocol.expire).setServiceParent(self)
 
     def startService(self) -> None:
@@ -136,6 +143,25 @@ class RendezvousService(DaemonService):
         self.protocol.reload(Directory(self.settings.private_key, peers))
 
 
+def make_relay(
+    settings: RendezvousConfig, reactor: Any, keys: Callable[[str], bytes | None]
+) -> RelayService | None:
+    """
+    The relay the settings ask for, on the rendezvous's interface, or None.
+    """
+    if not settings.relay:
+        return None
+    return RelayService(
+        keys,
+        clock=reactor,
+        interface=settings.interface,
+        ports=port_range(settings.relay_ports),
+        idle_timeout=settings.relay_idle_timeout,
+        max_per_agent=settings.relay_max_per_agent,
+        rate=settings.relay_rate,
+    )
+
+
 def makeService(config: Options, reactor: Any = None) -> service.IService:
     if reactor is None:
         from twisted.internet import reactor as default_reactor
@@ -153,6 +179,7 @@ def makeService(config: Options, reactor: Any = None) -> service.IService:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     clock: IReactorTime = reactor
     burst = settings.binding_rate * 2
+    relay = make_relay(settings, reactor, lambda name: protocol.directory.key_for(name))
     protocol = RendezvousProtocol(
         Directory(settings.private_key, settings.peers),
         MemoryRegistry(),
@@ -161,5 +188,6 @@ def makeService(config: Options, reactor: Any = None) -> service.IService:
         error_limiter=SourceLimiter(5.0, 10.0, clock.seconds),
         max_pending=settings.max_pending,
         max_lifetime=settings.registration_lifetime,
+        relay=relay,
     )
     return RendezvousService(settings, protocol, reactor, sock, getattr(config, "parent", None))
