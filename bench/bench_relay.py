@@ -59,7 +59,7 @@ from bench.bench_rendezvous import (
     without_loss,
 )
 from punchd import stun
-from punchd.netlab.deployment import free_udp_port
+from netlab.deployment import free_udp_port
 from punchd.relay import build_bind, parse_bind_answer
 
 RATES = [5_000, 10_000, 20_000, 30_000, 40_000, 50_000, 60_000, 80_000, 100_000, 120_000]

@@ -233,8 +233,14 @@ def build_tunnel_machine_factory() -> Callable[[TunnelCore], TunnelInputs]:
             return
         if pair.priority >= core.pairs.best_possible():
             m.graceIsOver()
-        elif data.grace is None:
-            data.grace = data.timers.later(core.grace(pair), m.graceIsOver)
+            return
+        # The first pair to answer sets the wait for a better one; a better
+        # pair answering during a long wait (the relay's) shortens it.
+        grace = core.grace(pair)
+        if data.grace is None or core.clock.seconds() + grace < data.grace.getTime():
+            if data.grace is not None:
+                data.grace.cancel()
+            data.grace = data.timers.later(grace, m.graceIsOver)
 
     @checking.upon(TunnelInputs.roundIsSpent).loop()
     def round_spent(m: TunnelInputs, core: TunnelCore, data: Checking) -> None:

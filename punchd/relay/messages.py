@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from punchd import stun, wire
+from punchd.keys import TUNNEL_ID_LENGTH
 from punchd.stun import Attr, MessageClass, Method
 
 __all__ = ["BIND_TYPE", "Bind", "bind_answer", "build_bind", "parse_bind", "parse_bind_answer"]
@@ -47,8 +48,8 @@ def build_bind(
     (transaction id, datagram) of a bind for C{name}'s side of C{tunnel_id},
     or of its release.
     """
-    if len(tunnel_id) != wire.TUNNEL_ID_LENGTH:
-        raise ValueError(f"a tunnel id is {wire.TUNNEL_ID_LENGTH} bytes")
+    if len(tunnel_id) != TUNNEL_ID_LENGTH:
+        raise ValueError(f"a tunnel id is {TUNNEL_ID_LENGTH} bytes")
     tid = stun.new_transaction_id()
     attributes = [(Attr.USERNAME, name.encode("ascii")), (Attr.TUNNEL_ID, tunnel_id)]
     if release:

@@ -98,6 +98,7 @@ class RendezvousProtocol(DatagramProtocol):
             self.counters,
             self._send,
             clock,
+            relay,
         )
 
     @property

@@ -4,6 +4,7 @@ The agent's side of an introduction: what it takes from the rendezvous.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -14,6 +15,9 @@ from punchd.agent.puncher import FRESH_INTRODUCTION, Puncher
 from punchd.config import AgentConfig
 from punchd.keys import PrivateKey
 from punchd.stun import Attr, MessageClass, Method
+
+#: All the puncher asks of the rendezvous client here: where it is.
+CLIENT = SimpleNamespace(server=("192.0.2.1", 3478))
 
 
 def settings() -> AgentConfig:
@@ -66,7 +70,7 @@ def test_introductions_are_judged_by_the_rendezvous_clock(age: float, fresh: boo
     """
     clock = Clock()
     clock.advance(1_000_000)
-    puncher = Puncher(settings(), clock, None, b"k" * 32, lambda: [])  # type: ignore[arg-type]
+    puncher = Puncher(settings(), clock, CLIENT, b"k" * 32, lambda: [])  # type: ignore[arg-type]
     rendezvous_now = clock.seconds() + 3600.0
     puncher.rendezvous_clock(rendezvous_now)
     clock.advance(2.0)
@@ -76,7 +80,7 @@ def test_introductions_are_judged_by_the_rendezvous_clock(age: float, fresh: boo
 
 
 def test_no_introduction_before_the_rendezvous_said_its_time() -> None:
-    puncher = Puncher(settings(), Clock(), None, b"k" * 32, lambda: [])  # type: ignore[arg-type]
+    puncher = Puncher(settings(), Clock(), CLIENT, b"k" * 32, lambda: [])  # type: ignore[arg-type]
     puncher.listen("chat", lambda hand_off: None)
     assert answer_code(puncher, incoming(0.0)) == 403
 
@@ -85,7 +89,7 @@ KEPT = (Attr.PEER, Attr.SERVICE, Attr.TUNNEL_ID, Attr.PUBLIC_KEY)
 
 
 def test_an_incoming_without_a_time_is_a_bad_request() -> None:
-    puncher = Puncher(settings(), Clock(), None, b"k" * 32, lambda: [])  # type: ignore[arg-type]
+    puncher = Puncher(settings(), Clock(), CLIENT, b"k" * 32, lambda: [])  # type: ignore[arg-type]
     puncher.rendezvous_clock(0.0)
     message = incoming(0.0)
     stripped = stun.parse(

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from punchd.netlab.deployment import free_udp_port
 
+from netlab.deployment import free_udp_port
 from punchd.relay import build_bind, parse_bind_answer
 
 KEYS = {"alice": os.urandom(32), "bob": os.urandom(32)}

@@ -10,9 +10,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from punchd.netlab.deployment import free_udp_port
 from twisted.internet.testing import MemoryReactorClock
 
+from netlab.deployment import free_udp_port
 from punchd.config import ConfigError, load_rendezvous_config
 from punchd.keys import PrivateKey, derive_rendezvous_key, write_private_key
 from punchd.relay import RelayService
