@@ -58,8 +58,8 @@ from bench.bench_rendezvous import (
     stop,
     without_loss,
 )
-from punchd import stun
 from netlab.deployment import free_udp_port
+from punchd import stun
 from punchd.relay import build_bind, parse_bind_answer
 
 RATES = [5_000, 10_000, 20_000, 30_000, 40_000, 50_000, 60_000, 80_000, 100_000, 120_000]
@@ -329,9 +329,7 @@ def run_ladders(
         reflected = stack.enter_context(reflector(generator.binary, server_cpu, 3600))
         runs["ceiling: C reflector"] = functools.partial(generator.run, reflected)
         echo = stack.enter_context(echo_peer(free_udp_port(), generator.cpu))
-        runs["ceiling: echo direct"] = functools.partial(
-            generator.run, echo, expect=ECHOED_BINDING
-        )
+        runs["ceiling: echo direct"] = functools.partial(generator.run, echo, expect=ECHOED_BINDING)
         relay_sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
         relay_sock.bind(("127.0.0.1", 0))
         relay, relay_counters = stack.enter_context(
