@@ -1241,6 +1241,7 @@ def test_twist_writes_punchd_json_lines(tmp_path: Path) -> None:
     config = _valid_rendezvous(tmp_path, port)
     out = tmp_path / "output"
     env = {k: v for k, v in os.environ.items() if k not in LOG_ENV}
+    env["PYTHONUNBUFFERED"] = "1"
     with out.open("wb") as output:
         process = subprocess.Popen(
             [*TWIST, "rendezvous", "--config", str(config), "--log-format", "json"],
@@ -1250,7 +1251,9 @@ def test_twist_writes_punchd_json_lines(tmp_path: Path) -> None:
             env=env,
         )
     try:
-        wait_for(lambda: _listening("rendezvous", config, port), 15, "the rendezvous to listen")
+        # Its port is bound before anything is logged: wait for the log line,
+        # so that the reactor (and its SIGTERM handler) is running.
+        wait_for(lambda: b"listening" in out.read_bytes(), 60, "the rendezvous to log")
     finally:
         process.terminate()
         process.wait(10)
