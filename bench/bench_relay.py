@@ -329,9 +329,7 @@ def run_ladders(
         reflected = stack.enter_context(reflector(generator.binary, server_cpu, 3600))
         runs["ceiling: C reflector"] = functools.partial(generator.run, reflected)
         echo = stack.enter_context(echo_peer(free_udp_port(), generator.cpu))
-        runs["ceiling: echo direct"] = functools.partial(
-            generator.run, echo, expect=ECHOED_BINDING
-        )
+        runs["ceiling: echo direct"] = functools.partial(generator.run, echo, expect=ECHOED_BINDING)
         relay_sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
         relay_sock.bind(("127.0.0.1", 0))
         relay, relay_counters = stack.enter_context(
