@@ -72,6 +72,7 @@ class Attr(enum.IntEnum):
     MORE = 0x4D08
     WAIT = 0x4D09
     TUNNEL_NONCE = 0x4D0A
+    ALTERNATE_PORT = 0x4D10
 
 
 def _attr_name(attr_type: int) -> str:
