@@ -9,17 +9,20 @@ responder ignores RFC 3489's CHANGE-REQUEST, which miniupnpd sends and a
 RFC 5389 server (such as punchd's rendezvous) rejects; answering from the
 same address is what a NAT-less WAN sees anyway.
 
-``python -m netlab.upnp stun PORT`` runs the responder.
+``python -m netlab.upnp stun PORT`` runs the responder; ``python -m
+netlab.upnp map`` maps a fresh socket with punchd's port mapper, for tests.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import socket
 import struct
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 STUN_PORT = 3478
 MAGIC = 0x2112A442
@@ -105,14 +108,65 @@ def miniupnpd_config(directory: Path, stun_host: str, lan: str, uuid: str) -> st
     )
 
 
+def _map(lifetime: int, protocols: tuple[str, ...]) -> None:
+    """
+    Map a fresh UDP socket with punchd's PortMapper; print (JSON lines) what
+    the gateway offers and the mapping, then every datagram the socket gets,
+    until stdin closes; then delete the mapping and say so.
+    """
+    from twisted.internet import defer, reactor, stdio
+    from twisted.internet.protocol import DatagramProtocol, Protocol
+
+    from punchd.agent.portmap import PortMapper
+
+    def say(**fields: object) -> None:
+        print(json.dumps(fields), flush=True)
+
+    class Receiver(DatagramProtocol):
+        def datagramReceived(self, datagram: bytes, addr: Any) -> None:
+            say(received=datagram.decode(errors="replace"), source=list(addr))
+
+    closed: defer.Deferred[None] = defer.Deferred()
+
+    class Stdin(Protocol):
+        def connectionLost(self, reason: object = None) -> None:
+            closed.callback(None)
+
+    @defer.inlineCallbacks
+    def run() -> Any:
+        port = reactor.listenUDP(0, Receiver())  # type: ignore[attr-defined]
+        mapper = PortMapper(reactor, protocols=protocols)
+        offered = yield mapper.offered()
+        mapping = yield mapper.map(port.getHost().port, lifetime)
+        described = None if mapping is None else [mapping.protocol, *mapping.external]
+        say(offered=offered, port=port.getHost().port, mapping=described)
+        stdio.StandardIO(Stdin())
+        yield closed
+        if mapping is not None:
+            yield mapping.delete()
+        say(deleted=True)
+        reactor.stop()  # type: ignore[attr-defined]
+
+    reactor.callWhenRunning(run)  # type: ignore[attr-defined]
+    reactor.run()  # type: ignore[attr-defined]
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m netlab.upnp")
     commands = parser.add_subparsers(dest="command", required=True)
     stun = commands.add_parser("stun", help="a STUN Binding responder")
     stun.add_argument("port", type=int)
     stun.add_argument("--lifetime", type=float, default=_LIFETIME)
+    mapping = commands.add_parser("map", help="map a UDP socket with punchd's PortMapper")
+    mapping.add_argument("--lifetime", type=int, default=120)
+    mapping.add_argument("--protocol", action="append", help="only these, in this order")
     args = parser.parse_args(argv)
-    _stun(args.port, args.lifetime)
+    if args.command == "stun":
+        _stun(args.port, args.lifetime)
+    else:
+        from punchd.agent.portmap import PROTOCOLS
+
+        _map(args.lifetime, tuple(args.protocol or PROTOCOLS))
 
 
 if __name__ == "__main__":

@@ -51,7 +51,8 @@ class _Found:
 
 class PortMapper:
     """
-    Port mappings from the default gateway (or C{gateway}), for one agent.
+    Port mappings from the default gateway (or C{gateway}), for one agent,
+    by the first of C{protocols} (in that order) that the gateway offers.
     """
 
     def __init__(
@@ -60,8 +61,10 @@ class PortMapper:
         gateway: str | None = None,
         *,
         find_gateway: Callable[[], str | None] = default_gateway,
+        protocols: tuple[str, ...] = PROTOCOLS,
     ) -> None:
         self._reactor = reactor
+        self._protocols = protocols
         self._gateway = gateway
         self._find_gateway = find_gateway
         self._found: _Found | None = None
@@ -158,7 +161,12 @@ class PortMapper:
             return d.addCallback(next_one)
 
         d = self._discover()
-        d.addCallback(lambda found: attempt(found, [] if found is None else found.names()))
+
+        def usable(found: _Found | None) -> list[str]:
+            offered = [] if found is None else found.names()
+            return [name for name in self._protocols if name in offered]
+
+        d.addCallback(lambda found: attempt(found, usable(found)))
         return quiet(d, "request")
 
     def _map_pcp(self, found: _Found, port: int, lifetime: int) -> Deferred[Mapping | None]:
