@@ -64,6 +64,8 @@ class Deployment:
     listen_interface: str | None = None
     keepalive: float = 5.0
     binding_rate: float = 0.0
+    #: The rendezvous's second Binding port (netcheck); 0 for none.
+    alternate_port: int = 0
     agents: dict[str, AgentHandle] = field(default_factory=dict)
     rendezvous_process: subprocess.Popen[bytes] | None = None
 
@@ -93,6 +95,7 @@ class Deployment:
             'private_key = "rendezvous.key"\n'
             'peers = "peers.toml"\n'
             f"binding_rate = {self.binding_rate}\n"
+            f"alternate_port = {self.alternate_port}\n"
         )
         self._write_peers()
 

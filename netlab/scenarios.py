@@ -50,7 +50,7 @@ class World:
     L{tunnel} between any two of them.
     """
 
-    def __init__(self, lab: Lab, keepalive: float = 2.0) -> None:
+    def __init__(self, lab: Lab, keepalive: float = 2.0, alternate_port: int = 0) -> None:
         self.lab = lab
         self.hosts: dict[str, Host] = {}
         self.sites: dict[str, Site] = {}
@@ -60,6 +60,7 @@ class World:
             rendezvous_port=RENDEZVOUS_PORT,
             listen_interface="0.0.0.0",
             keepalive=keepalive,
+            alternate_port=alternate_port,
         )
 
     def add(
