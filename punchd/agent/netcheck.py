@@ -201,6 +201,11 @@ def resolve_ipv6(host: str, port: int) -> Deferred[Address | None]:
     return d.addErrback(lambda _: None)
 
 
+def _local(address: str, addresses: Sequence[str]) -> bool:
+    """Whether this host has C{address} (loopback counts: no NAT on it)."""
+    return address in addresses or ipaddress.ip_address(address).is_loopback
+
+
 def _global_ipv6(addresses: Sequence[str]) -> bool:
     return any(":" in a and ipaddress.IPv6Address(a.split("%")[0]).is_global for a in addresses)
 
@@ -323,7 +328,7 @@ def _report(
         mapping_varies_by_destination=varies,
         port_mapping=list(ports),
         rendezvous_rtt_ms=main.rtt_ms if main.rtt_ms is not None else other.rtt_ms,
-        nat=None if public is None else public not in addresses,
+        nat=None if public is None else not _local(public, addresses),
         checked_at=round(now, 3),
         local_addresses=list(addresses),
     )
