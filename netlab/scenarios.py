@@ -50,7 +50,9 @@ class World:
     L{tunnel} between any two of them.
     """
 
-    def __init__(self, lab: Lab, keepalive: float = 2.0, rendezvous_extra: str = "") -> None:
+    def __init__(
+        self, lab: Lab, keepalive: float = 2.0, alternate_port: int = 0, rendezvous_extra: str = ""
+    ) -> None:
         self.lab = lab
         self.hosts: dict[str, Host] = {}
         self.sites: dict[str, Site] = {}
@@ -61,6 +63,7 @@ class World:
             listen_interface="0.0.0.0",
             keepalive=keepalive,
             rendezvous_extra=rendezvous_extra,
+            alternate_port=alternate_port,
         )
 
     def add(

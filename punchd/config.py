@@ -297,6 +297,25 @@ def _port_range(value: Any, place: Place) -> str:
 _LOG_FORMAT_HELP = "Log lines as text for people, or json (one object per line) for collectors."
 
 
+def _flag(value: Any, place: Place) -> bool:
+    if not isinstance(value, bool):
+        raise Invalid(f"must be true or false, got {show(value)}")
+    return value
+
+
+def _flag_text(text: str) -> Any:
+    """
+    C{true}/C{yes}/C{on}/C{1} or C{false}/C{no}/C{off}/C{0}; other text is
+    kept for the check to quote.
+    """
+    word = text.strip().lower()
+    if word in ("true", "yes", "on", "1"):
+        return True
+    if word in ("false", "no", "off", "0"):
+        return False
+    return text
+
+
 @_config_class
 class RendezvousConfig:
     port: int = setting(
@@ -374,6 +393,14 @@ class RendezvousConfig:
     # Derived by load_rendezvous_config.
     private_key: PrivateKey
     peers: dict[str, PeerEntry]
+    # -- hard NATs --
+    alternate_port: int = setting(
+        checks.integer(0, 65535),
+        "A second UDP port answering STUN Binding, so that agents can tell whether"
+        " their NAT's mapping varies by destination; 0 for none.",
+        default=0,
+        from_text=checks.int_text,
+    )
 
 
 @_config_class
@@ -434,6 +461,13 @@ class AgentConfig:
     log_format: str = setting(checks.choice("text", "json"), _LOG_FORMAT_HELP, default="text")
     # Derived by load_agent_config.
     private_key: PrivateKey
+    # -- hard NATs --
+    port_mapping: bool = setting(
+        _flag,
+        "Ask the gateway for port mappings (PCP, NAT-PMP, UPnP-IGD).",
+        default=True,
+        from_text=_flag_text,
+    )
 
 
 # -- loading -------------------------------------------------------------------

@@ -76,6 +76,7 @@ class Attr(enum.IntEnum):
     TIMESTAMP = 0x4D0B
     RELAY = 0x4D0C
     RELAY_PORT = 0x4D0D
+    ALTERNATE_PORT = 0x4D10
 
 
 def _attr_name(attr_type: int) -> str:

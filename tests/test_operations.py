@@ -1127,7 +1127,8 @@ def test_help_shows_every_option_and_its_default(daemon: str, cls: type) -> None
             continue
         assert re.search(rf"^ +(-\w, )?{s.option_name}=", text, re.MULTILINE), s.option_name
         if not s.required:
-            shown = f"{s.default:g}" if isinstance(s.default, float) else str(s.default or '""')
+            shown = f"{s.default:g}" if isinstance(s.default, float) else str(s.default)
+            shown = '""' if s.default in ("", None, ()) else shown
             assert f"{' '.join(s.help.split())} Default: {shown}" in flat, s.option_name
     if daemon == "punch-agent":
         assert "--allow-users=" in text and "--allow-groups=" in text

@@ -466,6 +466,11 @@ class ControlProtocol(LineReceiver):
         d.addCallback(lambda peers: self._send({"id": rid, "ok": True, "peers": peers}))
         d.addErrback(self._failed, rid, "peers")
 
+    def _op_netcheck(self, rid: RequestId, request: dict[str, Any]) -> None:
+        d = self._track(self._core.netcheck())
+        d.addCallback(lambda report: self._send({"id": rid, "ok": True, "netcheck": report}))
+        d.addErrback(self._failed, rid, "netcheck")
+
     def _op_connect(self, rid: RequestId, request: dict[str, Any]) -> None:
         peer = _name(request, "peer")
         service = _name(request, "service")
@@ -527,6 +532,7 @@ class ControlProtocol(LineReceiver):
         "connect": _op_connect,
         "listen": _op_listen,
         "unlisten": _op_unlisten,
+        "netcheck": _op_netcheck,
     }
 
     def _incoming(self, rid: RequestId, handoff: HandOff) -> None:

@@ -20,6 +20,8 @@ from twisted.python.failure import Failure
 from punchd import stun, wire
 from punchd.agent.api import HandOff, ProgressCallback, TunnelFailed
 from punchd.agent.candidates import host_addresses
+from punchd.agent.netcheck import NetChecker
+from punchd.agent.portmap import PortMapper
 from punchd.agent.puncher import Puncher
 from punchd.agent.registration import (
     Registered,
@@ -79,6 +81,19 @@ class Agent:
             server=lambda: format_address(settings.rendezvous),
         )
         self.registration = build_registration_machine(self.registration_core)
+        # -- hard NATs: what the network allows, and the gateway's port mappings.
+        self.alternate_port = 0
+        self.port_mapper = PortMapper(reactor) if settings.port_mapping else None
+        self.netchecker = NetChecker(
+            reactor,
+            settings.name,
+            key,
+            resolve=self._resolve,
+            rendezvous_host=settings.rendezvous[0],
+            alternate_port=lambda: self.alternate_port,
+            mapper=self.port_mapper,
+            addresses=addresses,
+        )
         self._port: IListeningPort | None = None
         self.started_at = reactor.seconds()
 
@@ -140,11 +155,23 @@ class Agent:
                 self.punch.rendezvous_clock(wire.decode_timestamp(message))
             except wire.ProtocolError:
                 log.warn("the rendezvous' reply carries no time: introductions will be refused")
+            self._heard_alternate_port(message)
+            old = self.registration_core.mapped
+            if mapped != old:
+                self.reactor.callLater(0, self.netchecker.moved, old, mapped)
             return (mapped, stun.decode_u32(lifetime))
 
         return self._resolve().addCallback(resolved).addCallback(registered)
 
+    def _heard_alternate_port(self, message: stun.Message) -> None:
+        value = message.get(Attr.ALTERNATE_PORT)
+        port = stun.decode_u32(value) if value is not None and len(value) == 4 else 0
+        self.alternate_port = port if 0 < port < 65536 else 0
+
     # -- AgentCore ------------------------------------------------------
+
+    def netcheck(self) -> Deferred[dict[str, Any]]:
+        return self.netchecker.check().addCallback(lambda report: report.to_json())
 
     def status(self) -> dict[str, Any]:
         core = self.registration_core
@@ -162,6 +189,7 @@ class Agent:
             "listening": sorted(s for s, ls in self.punch.listeners.items() if ls),
             "tunnels": self.punch.counts(),
             "uptime": round(self.reactor.seconds() - self.started_at, 3),
+            "netcheck": self.netchecker.last.summary if self.netchecker.last else None,
         }
 
     def peers(self) -> Deferred[list[dict[str, Any]]]:

@@ -11,6 +11,7 @@ from typing import Any
 
 from twisted.application import internet, service
 from twisted.internet.interfaces import IListeningPort, IReactorTime
+from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -26,7 +27,7 @@ from punchd.launch import DaemonService, configure, option_parameters
 from punchd.relay import RelayService
 from punchd.rendezvous.limits import SourceLimiter
 from punchd.rendezvous.registry import MemoryRegistry
-from punchd.rendezvous.server import Directory, RendezvousProtocol
+from punchd.rendezvous.server import AlternatePort, Directory, RendezvousProtocol
 
 log = Logger()
 
@@ -73,7 +74,7 @@ class UDPService(service.Service):
     the daemon with one line before twistd writes a pid file or logs.
     """
 
-    def __init__(self, sock: socket.socket, protocol: RendezvousProtocol, reactor: Any) -> None:
+    def __init__(self, sock: socket.socket, protocol: DatagramProtocol, reactor: Any) -> None:
         self._socket = sock
         self._protocol = protocol
         self._reactor = reactor
@@ -105,6 +106,7 @@ class RendezvousService(DaemonService):
         reactor: Any,
         sock: socket.socket,
         launcher: Any = None,
+        alternate: socket.socket | None = None,
     ) -> None:
         super().__init__(settings.log_format, PROGRAM, launcher)
         self.settings = settings
@@ -114,6 +116,8 @@ class RendezvousService(DaemonService):
         UDPService(sock, protocol, reactor).setServiceParent(self)
         if self.relay is not None:
             self.relay.setServiceParent(self)
+        if alternate is not None:
+            UDPService(alternate, AlternatePort(protocol), reactor).setServiceParent(self)
         internet.TimerService(5.0, protocol.expire).setServiceParent(self)
 
     def startService(self) -> None:
@@ -125,6 +129,8 @@ class RendezvousService(DaemonService):
             port=self.settings.port,
             count=len(self.settings.peers),
         )
+        if self.settings.alternate_port:
+            log.info("alternate Binding port {port}", port=self.settings.alternate_port)
 
     def stopService(self) -> Any:
         self.protocol.stop()
@@ -168,13 +174,10 @@ def makeService(config: Options, reactor: Any = None) -> service.IService:
 
         reactor = default_reactor
     settings: RendezvousConfig = config["settings"]
-    try:
-        sock = bind_udp(settings.interface, settings.port)
-    except OSError as e:
-        where = f"[{settings.interface}]" if ":" in settings.interface else settings.interface
-        refuse_to_start(
-            PROGRAM, f"cannot listen on UDP {where or '*'}:{settings.port}: {e.strerror}"
-        )
+    sock = _bind_or_refuse(settings.interface, settings.port)
+    alternate = None
+    if settings.alternate_port:
+        alternate = _bind_or_refuse(settings.interface, settings.alternate_port)
     # Until startService installs the reload handler, a SIGHUP must not kill us.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     clock: IReactorTime = reactor
@@ -189,5 +192,15 @@ def makeService(config: Options, reactor: Any = None) -> service.IService:
         max_pending=settings.max_pending,
         max_lifetime=settings.registration_lifetime,
         relay=relay,
+        alternate_port=settings.alternate_port,
     )
-    return RendezvousService(settings, protocol, reactor, sock, getattr(config, "parent", None))
+    parent = getattr(config, "parent", None)
+    return RendezvousService(settings, protocol, reactor, sock, parent, alternate)
+
+
+def _bind_or_refuse(interface: str, port: int) -> socket.socket:
+    try:
+        return bind_udp(interface, port)
+    except OSError as e:
+        where = f"[{interface}]" if ":" in interface else interface
+        refuse_to_start(PROGRAM, f"cannot listen on UDP {where or '*'}:{port}: {e.strerror}")
