@@ -64,6 +64,7 @@ class CandidateKind(enum.IntEnum):
     SRFLX = 1
     PRFLX = 2
     RELAY = 3
+    MAPPED = 4
 
     @property
     def label(self) -> str:
@@ -74,7 +75,8 @@ class CandidateKind(enum.IntEnum):
         """
         ICE type preference: a direct LAN path beats a reflexive one beats a relay.
         """
-        return {0: 126, 1: 100, 2: 110, 3: 0}[int(self)]
+        # A gateway's port mapping admits anyone, unlike a NAT's own mapping.
+        return {0: 126, 1: 100, 2: 110, 3: 0, 4: 105}[int(self)]
 
     @property
     def patience(self) -> float | None:

@@ -73,7 +73,9 @@ class Agent:
         self.client = RendezvousClient(
             settings.name, key, reactor, lambda message: self.punch.incoming(message)
         )
-        self.punch = Puncher(settings, reactor, self.client, key, addresses, sockets)
+        self.punch = Puncher(
+            settings, reactor, self.client, key, addresses, sockets, self._tunnel_mapper
+        )
         self.registration_core = RegistrationCore(
             clock=reactor,
             attempt=self._register_once,
@@ -105,6 +107,16 @@ class Agent:
         interface = "::" if ":" in self.settings.rendezvous[0] else ""
         self._port = self.reactor.listenUDP(0, self.client, interface=interface, maxPacketSize=2048)
         self.registration.start()
+
+    def _tunnel_mapper(self) -> PortMapper | None:
+        """
+        The port mapper for a new tunnel: only when the gateway offered a
+        protocol at the last netcheck, so that tunnels elsewhere never wait.
+        """
+        report = self.netchecker.last
+        if self.port_mapper is None or report is None or not report.port_mapping:
+            return None
+        return self.port_mapper
 
     def stop(self) -> Deferred[None]:
         """

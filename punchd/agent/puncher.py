@@ -23,6 +23,8 @@ from punchd import stun, wire
 from punchd.agent.api import HandOff, ProgressCallback, TunnelFailed
 from punchd.agent.gatherers import RelayBinder, SignedGather
 from punchd.agent.introducer import RendezvousIntroducer, relay_candidate
+from punchd.agent.mappings import KeptMappings
+from punchd.agent.portmap import PortMapper
 from punchd.agent.rendezvous_client import IncomingAnswer, RendezvousClient
 from punchd.agent.roles import Initiator, Responder, Role
 from punchd.agent.tunnel import SocketFactory, Tunnel, new_tunnel_id
@@ -59,8 +61,12 @@ class Puncher:
         key: bytes,
         addresses: Callable[[], list[str]],
         sockets: SocketFactory | None = None,
+        port_mapper: Callable[[], PortMapper | None] = lambda: None,
     ) -> None:
         self.settings = settings
+        #: The gateway's port mapper, when it offers a protocol.
+        self._port_mapper = port_mapper
+        self.mappings = KeptMappings(reactor)
         self.reactor = reactor
         self.client = client
         self.name = settings.name
@@ -104,6 +110,20 @@ class Puncher:
             "relayed": self.relayed,
             "failed": self.failed,
         }
+
+    def _settle_mapping(self, tunnel: Tunnel, result: object) -> None:
+        """
+        Keep the tunnel's port mapping while its path goes through it;
+        delete it at once otherwise.
+        """
+        mapping = tunnel.core.mapping
+        if mapping is None:
+            return
+        used = isinstance(result, HandOff) and result.info["candidates"]["local"] == "mapped"
+        if used:
+            self.mappings.keep(mapping)
+        else:
+            mapping.delete()
 
     def cancel_all(self) -> None:
         for tunnel in list(self.tunnels.values()):
@@ -208,6 +228,7 @@ class Puncher:
             host_addresses=self._addresses(),
             gatherer=None if server is None else SignedGather(server, self.name, self.key),
             relay_binder=RelayBinder(self.name, self.key),
+            port_mapper=self._port_mapper(),
             progress=progress,
             check_budget=budget,
         )
@@ -215,6 +236,7 @@ class Puncher:
 
         def done(result: object) -> object:
             self.tunnels.pop(tunnel_id, None)
+            self._settle_mapping(tunnel, result)
             if isinstance(result, Failure):
                 self.failed += 1
             else:

@@ -26,6 +26,7 @@ from punchd.agent.api import HandOff, ProgressCallback, TunnelFailed
 from punchd.agent.checks import Checking, check
 from punchd.agent.gatherers import ReflexiveGatherer, RelayBinder
 from punchd.agent.pairs import Address, Pair
+from punchd.agent.portmap import PortMapper
 from punchd.agent.roles import Introduced, Role
 from punchd.agent.tunnel_core import StateData, TunnelCore
 from punchd.agent.tunnel_socket import TunnelSocket
@@ -42,8 +43,10 @@ log = Logger()
 QUIET = 3.0
 EARLY_BUFFER = 16
 #: How long the initiator waits, at most, for the responder's last Confirm
-#: before handing off: past this, only a late answer could still come.
-FINAL_WORD_WAIT = 1.0
+#: before handing off.  It comes a round trip after ours unless all three
+#: copies are lost; waiting long is cheap then, and a busy responder may be
+#: slow to say it.
+FINAL_WORD_WAIT = 3.0
 
 #: Makes a tunnel's socket for an address family, given what to do with
 #: each datagram read and how to tell one to leave queued for the program.
@@ -58,8 +61,8 @@ class TunnelInputs(Protocol):
     Inputs of one tunnel's state machine.
     """
 
-    def gathered(self, srflx: Candidate | None) -> None:
-        "Our candidates are known."
+    def gathered(self, found: list[Candidate]) -> None:
+        "Our candidates beyond the host's are known (server-reflexive, mapped)."
 
     def introduced(self, remote: list[Candidate], peer_key: PublicKey, nonce: bytes) -> None:
         "We know the peer's candidates and key."
@@ -126,8 +129,8 @@ class Introducing(StateData):
 # -- entering a state: what each state starts, and owns ----------------------
 
 
-def introduce(m: TunnelInputs, core: TunnelCore, srflx: Candidate | None) -> Introducing:
-    core.srflx = srflx
+def introduce(m: TunnelInputs, core: TunnelCore, found: list[Candidate]) -> Introducing:
+    core.found = found
     data = core.enter(Introducing(core.timers()))
     data.request = core.role.introduce(m, core)
     if data.request is not None:
@@ -382,6 +385,7 @@ class Tunnel:
         host_addresses: list[str],
         gatherer: ReflexiveGatherer | None = None,
         relay_binder: RelayBinder | None = None,
+        port_mapper: PortMapper | None = None,
         progress: ProgressCallback = lambda event: None,
         check_budget: float | None = None,
     ) -> None:
@@ -401,6 +405,7 @@ class Tunnel:
             local_candidates=self._host_candidates(host_addresses),
             gatherer=gatherer,
             relay_binder=relay_binder,
+            port_mapper=port_mapper,
             progress=progress,
             result=self.result,
             check_budget=check_budget,

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -24,6 +24,7 @@ from punchd import stun
 from punchd.agent.api import HandOff, ProgressCallback, TunnelFailed
 from punchd.agent.gatherers import ReflexiveGatherer, RelayBinder
 from punchd.agent.pairs import Address, Pair, Pairs
+from punchd.agent.portmap import Mapping, PortMapper
 from punchd.agent.tunnel_messages import TunnelSigner, mapped_address
 from punchd.keys import PrivateKey, PublicKey
 from punchd.retransmit import Backoff, RequestTimedOut, Transactions
@@ -39,6 +40,8 @@ S = TypeVar("S", bound="StateData")
 PACING = 0.02
 GATHER_BACKOFF = Backoff(initial=0.1, maximum=0.4, attempts=5)
 RELAY_BIND_BACKOFF = Backoff(initial=0.1, maximum=0.5, attempts=12)
+#: Seconds a port mapping is asked for; renewed while a tunnel uses it.
+MAPPING_LIFETIME = 120
 CHECK_BACKOFF = Backoff(initial=0.1, maximum=0.5, attempts=40)
 NOMINATE_BACKOFF = Backoff(initial=0.1, maximum=0.4, attempts=16)
 GRACE = 0.05
@@ -133,6 +136,7 @@ class TunnelCore:
     local_candidates: list[Candidate]
     gatherer: ReflexiveGatherer | None
     relay_binder: RelayBinder | None
+    port_mapper: PortMapper | None
     progress: ProgressCallback
     result: Deferred[HandOff]
     #: How long round one may probe before giving up when nothing got through.
@@ -140,7 +144,10 @@ class TunnelCore:
     started_at: float = 0.0
     pairs: Pairs = field(default_factory=Pairs)
     signer: TunnelSigner | None = None
-    srflx: Candidate | None = None
+    #: What the gatherers found: server-reflexive, port-mapped.
+    found: list[Candidate] = field(default_factory=list)
+    #: The gateway's mapping of our socket, while we hold one.
+    mapping: Mapping | None = None
     #: The pair being nominated or handed off, and since when.
     chosen: Pair | None = None
     chosen_at: float = 0.0
@@ -199,8 +206,9 @@ class TunnelCore:
 
     def candidates(self) -> list[Candidate]:
         result = list(self.local_candidates)
-        if self.srflx is not None and self.srflx.address not in {c.address for c in result}:
-            result.append(self.srflx)
+        for candidate in self.found:
+            if candidate.address not in {c.address for c in result}:
+                result.append(candidate)
         return result[:MAX_CANDIDATES]
 
     def add_remotes(self, candidates: list[Candidate]) -> None:
@@ -256,14 +264,40 @@ class TunnelCore:
 
     def gather(self, m: TunnelInputs) -> None:
         """
-        Learn our server-reflexive address from the rendezvous, as seen
-        from this very socket.
+        Ask the rendezvous (our server-reflexive address) and the gateway
+        (a port mapping) at once; go on when both have answered.
         """
+        found = [self._reflexive(), self._port_mapping()]
+        DeferredList(found, consumeErrors=True).addCallback(
+            lambda results: m.gathered([c for ok, c in results if ok and c is not None])
+        )
+
+    def _port_mapping(self) -> Deferred[Candidate | None]:
+        mapper = self.port_mapper
+        if mapper is None:
+            return succeed(None)
+
+        def mapped(mapping: Mapping | None) -> Candidate | None:
+            if mapping is None:
+                return None
+            if self.result.called:  # over before the gateway answered
+                mapping.delete()
+                return None
+            self.mapping = mapping
+            return Candidate(CandidateKind.MAPPED, *mapping.external)
+
+        return mapper.map(self.io.local_address(0)[1], MAPPING_LIFETIME).addCallback(mapped)
+
+    def _reflexive(self) -> Deferred[Candidate | None]:
+        """
+        Our address as the rendezvous sees this very socket.
+        """
+        found: Deferred[Candidate | None] = Deferred()
         gatherer = self.gatherer
         local = None if gatherer is None else self.io.local_for(gatherer.server[0])
         if gatherer is None or local is None:
-            m.gathered(None)
-            return
+            found.callback(None)
+            return found
         transaction_id, request = gatherer.request()
         self.server_requests[transaction_id] = gatherer.server
         sent_at = [self.clock.seconds()]
@@ -274,16 +308,17 @@ class TunnelCore:
 
         def mapped(answer: tuple[stun.Message, Address]) -> None:
             self.rendezvous_rtt = self.clock.seconds() - sent_at[0]
-            m.gathered(gatherer.candidate(answer[0]))
+            found.callback(gatherer.candidate(answer[0]))
 
         def unmapped(failure: Failure) -> None:
             if failure.check(RequestTimedOut):
                 log.info(
                     "tunnel {id}: no server-reflexive address (rendezvous silent)", id=self.id_hex
                 )
-                m.gathered(None)
+                found.callback(None)
 
         self.checks.start(transaction_id, send, GATHER_BACKOFF).addCallbacks(mapped, unmapped)
+        return found
 
     # -- timing --------------------------------------------------------------
 
@@ -412,11 +447,12 @@ class TunnelCore:
 
     def local_kind(self, pair: Pair) -> str:
         if pair.mapped is None:
-            return "srflx" if self.srflx is not None else "host"
+            return self.found[0].kind.label if self.found else "host"
         if pair.mapped in {c.address for c in self.local_candidates}:
             return "host"
-        if self.srflx is not None and pair.mapped == self.srflx.address:
-            return "srflx"
+        for candidate in self.found:
+            if pair.mapped == candidate.address:
+                return candidate.kind.label
         return "prflx"
 
     def fail(self, error: TunnelFailed) -> None:
