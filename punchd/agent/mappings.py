@@ -20,6 +20,8 @@ from punchd.agent.portmap import Mapping
 log = Logger()
 
 UDP_TABLES = ("/proc/net/udp", "/proc/net/udp6")
+#: How often a kept mapping's port is looked at.
+CHECK_EVERY = 5.0
 
 
 def port_in_use(port: int, tables: tuple[str, ...] = UDP_TABLES) -> bool:
@@ -53,17 +55,20 @@ class KeptMappings:
         """
         Renew C{mapping} at half its lifetime while its port is in use.
         """
-        renewal = LoopingCall(self._renew, mapping)
+        renewed = [self.clock.seconds()]
+
+        def check() -> None:
+            if not port_in_use(mapping.internal_port):
+                log.debug("port {port} closed: its mapping goes", port=mapping.internal_port)
+                self.drop(mapping.internal_port)
+            elif self.clock.seconds() - renewed[0] >= mapping.lifetime / 2:
+                renewed[0] = self.clock.seconds()
+                mapping.renew()
+
+        renewal = LoopingCall(check)
         renewal.clock = self.clock
         self._kept[mapping.internal_port] = (mapping, renewal)
-        renewal.start(max(1.0, mapping.lifetime / 2), now=False)
-
-    def _renew(self, mapping: Mapping) -> None:
-        if port_in_use(mapping.internal_port):
-            mapping.renew()
-            return
-        log.debug("port {port} closed: its mapping goes", port=mapping.internal_port)
-        self.drop(mapping.internal_port)
+        renewal.start(CHECK_EVERY, now=False)
 
     def drop(self, port: int) -> None:
         kept = self._kept.pop(port, None)

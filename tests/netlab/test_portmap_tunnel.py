@@ -5,6 +5,8 @@ running miniupnpd has no direct path but the one it maps, and takes it.
 
 from __future__ import annotations
 
+import json
+import subprocess
 import time
 from collections.abc import Iterator
 
@@ -45,3 +47,24 @@ def test_a_mapped_port_gives_a_direct_path(world: World, initiator: str, respond
     mapped_side = outcome.local_kind if initiator == "upnp" else outcome.remote_kind
     assert mapped_side == "mapped"
     assert outcome.exchanged == 20 and not outcome.strays
+    # The programs are gone: the mapping goes too (kept only while in use).
+    wait_for_no_mapping(world)
+
+
+def wait_for_no_mapping(world: World) -> None:
+    deadline = time.monotonic() + 30
+    while world.sites["upnp"].port_mappings():
+        assert time.monotonic() < deadline, world.sites["upnp"].port_mappings()
+        time.sleep(0.5)
+
+
+def test_no_mapping_outlives_a_failed_tunnel(world: World) -> None:
+    # Nothing on cone accepts this service: the introduction is refused.
+    argv = world._program("upnp", "--timeout", "5", "connect", "cone", "nobody-listens")
+    try:
+        output = world.hosts["upnp"].check_output(argv, timeout=30)
+    except subprocess.CalledProcessError as e:
+        output = e.stdout
+    result = json.loads(output.strip().splitlines()[-1])
+    assert not result["ok"] and result["code"] == "no-listener"
+    wait_for_no_mapping(world)
