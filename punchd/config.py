@@ -468,6 +468,25 @@ class AgentConfig:
         default=True,
         from_text=_flag_text,
     )
+    hard_nat_sockets: int = setting(
+        checks.integer(0, 1024),
+        "Sockets a tunnel opens when this agent's NAT maps per destination and the"
+        " peer's does not (birthday probing); 0 turns birthday probing off.",
+        default=256,
+        from_text=checks.int_text,
+    )
+    hard_nat_probe_rate: float = setting(
+        checks.number(1, 2000),
+        "Probes per second the easy side sends to the hard side's ports.",
+        default=250.0,
+        from_text=checks.float_text,
+    )
+    hard_nat_budget: int = setting(
+        checks.integer(0, 10000),
+        "Probes at most per tunnel (and the hard side's sockets live that long).",
+        default=1200,
+        from_text=checks.int_text,
+    )
 
 
 # -- loading -------------------------------------------------------------------

@@ -76,6 +76,7 @@ class Attr(enum.IntEnum):
     TIMESTAMP = 0x4D0B
     RELAY = 0x4D0C
     RELAY_PORT = 0x4D0D
+    HARD_NAT = 0x4D0E
     ALTERNATE_PORT = 0x4D10
 
 

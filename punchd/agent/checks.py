@@ -19,9 +19,11 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from punchd import stun
+from punchd.agent.birthday import HARD_SIDE_BACKOFF, PROBE_BACKOFF, Spray
 from punchd.agent.pairs import Address, Pair
 from punchd.agent.tunnel_core import (
     CHECK_BACKOFF,
+    EXTRA_SOCKETS,
     NOMINATE_BACKOFF,
     PACING,
     TRIGGER_GAP,
@@ -72,8 +74,20 @@ def check(core: TunnelCore, pair: Pair, nominate: bool) -> Deferred[Answer]:
         pair.in_progress = False
         return failure
 
-    backoff = nominate_backoff(pair) if nominate else CHECK_BACKOFF
+    backoff = nominate_backoff(pair) if nominate else backoff_for(pair)
     return core.checks.start(transaction_id, send, backoff).addCallbacks(answered, failed)
+
+
+def backoff_for(pair: Pair) -> Backoff:
+    """
+    Ordinary checks insist; a birthday probe goes once, and the hard side's
+    many sockets only need their mappings opened.
+    """
+    if pair.guess:
+        return PROBE_BACKOFF
+    if pair.local >= EXTRA_SOCKETS:
+        return HARD_SIDE_BACKOFF
+    return CHECK_BACKOFF
 
 
 def nominate_backoff(pair: Pair) -> Backoff:
@@ -99,6 +113,22 @@ class Checking(StateData):
     #: Set while a responder told to wait holds its first checks.
     held: IDelayedCall | None = None
     started: bool = field(default=False)
+    #: The easy side's birthday probes, and what sends them.
+    spray: Spray | None = None
+    sprayer: LoopingCall | None = None
+
+    def start_spray(self, spray: Spray) -> None:
+        self.spray = spray
+        self.sprayer = LoopingCall(self.probe)
+        self.sprayer.clock = self.core.clock
+        self.sprayer.start(PACING, now=True)
+
+    def probe(self) -> None:
+        assert self.spray is not None and self.sprayer is not None
+        for candidate in self.spray.next_batch():
+            self.check(self.core.pairs.add(0, candidate, guess=True))
+        if self.spray.spent:
+            self.sprayer.stop()
 
     def start(self) -> None:
         """
@@ -152,5 +182,7 @@ class Checking(StateData):
         super().stop()
         if self.pacer is not None and self.pacer.running:
             self.pacer.stop()
+        if self.sprayer is not None and self.sprayer.running:
+            self.sprayer.stop()
         self.core.pairs.queue.clear()
         self.core.checks.cancel_all()

@@ -74,7 +74,14 @@ class Agent:
             settings.name, key, reactor, lambda message: self.punch.incoming(message)
         )
         self.punch = Puncher(
-            settings, reactor, self.client, key, addresses, sockets, self._tunnel_mapper
+            settings,
+            reactor,
+            self.client,
+            key,
+            addresses,
+            sockets,
+            self._tunnel_mapper,
+            self._hard_nat,
         )
         self.registration_core = RegistrationCore(
             clock=reactor,
@@ -117,6 +124,16 @@ class Agent:
         if self.port_mapper is None or report is None or not report.port_mapping:
             return None
         return self.port_mapper
+
+    def _hard_nat(self) -> bool:
+        """
+        Our NAT maps per destination and the gateway maps no ports: a peer
+        behind an easy NAT can reach us directly only by birthday probing.
+        """
+        report = self.netchecker.last
+        return bool(
+            report is not None and report.mapping_varies_by_destination and not report.port_mapping
+        )
 
     def stop(self) -> Deferred[None]:
         """

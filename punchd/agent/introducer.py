@@ -36,6 +36,8 @@ class RendezvousIntroducer:
     wait: bool
     #: Ask the rendezvous for a relay as well.
     relay: bool
+    #: Our NAT maps per destination: birthday probing, if the peer's does not.
+    hard: bool
     #: The key configured for the peer, which the rendezvous must vouch for.
     pinned: PublicKey | None
     #: Turns the rendezvous' failures into L{TunnelFailed}.
@@ -50,6 +52,7 @@ class RendezvousIntroducer:
                 *wire.encode_candidates(candidates, transaction_id),
                 *([(Attr.WAIT, b"")] if self.wait else []),
                 *([(Attr.RELAY, b"")] if self.relay else []),
+                *([(Attr.HARD_NAT, b"")] if self.hard else []),
             ]
 
         d = self.client.request(Method.CONNECT, attributes)
@@ -75,7 +78,7 @@ class RendezvousIntroducer:
             relay = relay_candidate(message, self.client.server)
         except wire.ProtocolError as e:
             raise TunnelFailed("internal", f"bad candidates from the rendezvous: {e}") from None
-        return [*candidates, *relay], key, nonce
+        return [*candidates, *relay], key, nonce, message.has(Attr.HARD_NAT)
 
 
 def relay_candidate(message: stun.Message, rendezvous: tuple[str, int] | None) -> list[Candidate]:

@@ -41,6 +41,8 @@ class Pair:
     in_progress: bool = False
     transaction_id: bytes | None = None
     triggered_at: float = float("-inf")
+    #: A birthday probe's guess at a port, not a candidate the peer gave.
+    guess: bool = False
 
     @property
     def key(self) -> PairKey:
@@ -82,18 +84,20 @@ class Pairs:
     def get(self, local: int, remote: Address) -> Pair | None:
         return self._pairs.get((local, remote))
 
-    def add(self, local: int, candidate: Candidate) -> Pair:
+    def add(self, local: int, candidate: Candidate, *, guess: bool = False) -> Pair:
         """
         The pair of C{local} and C{candidate}, new or known; a peer-reflexive
-        pair that the peer later signals takes the signalled kind.
+        pair that the peer later signals takes the signalled kind.  A guess
+        (birthday probing) is checked by its prober, not queued.
         """
         candidate = Candidate(candidate.kind, *normalize_address(candidate.address))
         pair = self._pairs.get((local, candidate.address))
         if pair is None:
-            pair = Pair(local, candidate)
+            pair = Pair(local, candidate, guess=guess)
             self._pairs[pair.key] = pair
-            self.queue.append(pair)
-            self.queue.sort(key=lambda p: -p.priority)
+            if not guess:
+                self.queue.append(pair)
+                self.queue.sort(key=lambda p: -p.priority)
         elif pair.remote.kind == CandidateKind.PRFLX and candidate.kind != CandidateKind.PRFLX:
             pair.remote = candidate
         return pair
@@ -150,5 +154,8 @@ class Pairs:
                 "no check got through either way "
                 "(both NATs filter, or a symmetric NAT hides the port)"
             )
-        tried = "; ".join(p.describe() for p in self)
+        tried = "; ".join(p.describe() for p in self if not p.guess)
+        guesses = sum(p.guess for p in self)
+        if guesses:
+            tried += f"; {guesses} birthday probes to random ports, none answered"
         return f"no direct path to {peer}: {why}; tried {tried}"

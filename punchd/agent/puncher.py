@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 
 from punchd import stun, wire
 from punchd.agent.api import HandOff, ProgressCallback, TunnelFailed
+from punchd.agent.birthday import BirthdayPlan, SocketBudget
 from punchd.agent.gatherers import RelayBinder, SignedGather
 from punchd.agent.introducer import RendezvousIntroducer, relay_candidate
 from punchd.agent.mappings import KeptMappings
@@ -62,8 +63,19 @@ class Puncher:
         addresses: Callable[[], list[str]],
         sockets: SocketFactory | None = None,
         port_mapper: Callable[[], PortMapper | None] = lambda: None,
+        hard: Callable[[], bool] = lambda: False,
     ) -> None:
         self.settings = settings
+        #: Whether our NAT maps per destination, as the last netcheck found.
+        self._hard = hard
+        self.birthday_sockets = SocketBudget()
+        self.birthday = (
+            BirthdayPlan(
+                settings.hard_nat_sockets, settings.hard_nat_probe_rate, settings.hard_nat_budget
+            )
+            if settings.hard_nat_sockets and settings.hard_nat_budget
+            else None
+        )
         #: The gateway's port mapper, when it offers a protocol.
         self._port_mapper = port_mapper
         self.mappings = KeptMappings(reactor)
@@ -197,6 +209,8 @@ class Puncher:
             wait=wait,
             # Round two is the last: a relay too, in case nothing direct works.
             relay=wait,
+            # Birthday probing is for round one; round two has the relay.
+            hard=self._hard() and not wait,
             pinned=self.settings.pinned_peers.get(peer),
             explain=explain,
         )
@@ -229,6 +243,9 @@ class Puncher:
             gatherer=None if server is None else SignedGather(server, self.name, self.key),
             relay_binder=RelayBinder(self.name, self.key),
             port_mapper=self._port_mapper(),
+            birthday=self.birthday,
+            birthday_sockets=self.birthday_sockets,
+            hard=self._hard(),
             progress=progress,
             check_budget=budget,
         )
@@ -237,6 +254,7 @@ class Puncher:
         def done(result: object) -> object:
             self.tunnels.pop(tunnel_id, None)
             self._settle_mapping(tunnel, result)
+            self.birthday_sockets.give(tunnel.core.extra_sockets)
             if isinstance(result, Failure):
                 self.failed += 1
             else:
@@ -298,7 +316,9 @@ class Puncher:
             candidates,
             nonce=os.urandom(TUNNEL_ID_LENGTH),
             holds_first_checks=message.has(Attr.WAIT),
+            peer_hard=message.has(Attr.HARD_NAT) and not message.has(Attr.WAIT),
         )
+        hard = self._hard() and not message.has(Attr.WAIT)
         tunnel = self._tunnel(role, peer, service, tunnel_id, self.settings.connect_timeout)
         tunnel.result.addCallbacks(self._deliver(service), lambda f: None)
 
@@ -308,6 +328,7 @@ class Puncher:
                 [
                     (Attr.TUNNEL_NONCE, role.nonce),
                     *wire.encode_candidates(ours, message.transaction_id),
+                    *([(Attr.HARD_NAT, b"")] if hard else []),
                 ],
             )
 

@@ -24,8 +24,9 @@ if TYPE_CHECKING:
     from punchd.agent.tunnel_core import TunnelCore
 
 #: What an introduction yields the initiator: the peer's candidates, its
-#: public key, and the responder's nonce for the tunnel key.
-Introduced = tuple[list[Candidate], PublicKey, bytes]
+#: public key, the responder's nonce for the tunnel key, and whether the
+#: peer's NAT maps per destination.
+Introduced = tuple[list[Candidate], PublicKey, bytes, bool]
 
 
 class Introducer(Protocol):
@@ -108,13 +109,15 @@ class Responder:
     nonce: bytes
     #: Hold our first checks until the initiator's arrive (its second round).
     holds_first_checks: bool = False
+    #: The initiator's NAT maps per destination.
+    peer_hard: bool = False
     #: Fires with our candidates, the answer to the introduction.
     answer: Deferred[list[Candidate]] = field(default_factory=Deferred)
     name: str = "responder"
     nominates: bool = False
 
     def introduce(self, m: TunnelInputs, core: TunnelCore) -> None:
-        m.introduced(self.candidates, self.peer_key, self.nonce)
+        m.introduced(self.candidates, self.peer_key, self.nonce, self.peer_hard)
 
     def checks_started(self, core: TunnelCore) -> None:
         # Our first checks left before this answer can reach the initiator:

@@ -23,12 +23,13 @@ from twisted.python.failure import Failure
 
 from punchd import stun, wire
 from punchd.agent.api import HandOff, ProgressCallback, TunnelFailed
+from punchd.agent.birthday import BirthdayPlan, SocketBudget
 from punchd.agent.checks import Checking, check
 from punchd.agent.gatherers import ReflexiveGatherer, RelayBinder
 from punchd.agent.pairs import Address, Pair
 from punchd.agent.portmap import PortMapper
 from punchd.agent.roles import Introduced, Role
-from punchd.agent.tunnel_core import StateData, TunnelCore
+from punchd.agent.tunnel_core import EXTRA_SOCKETS, StateData, TunnelCore
 from punchd.agent.tunnel_socket import TunnelSocket
 from punchd.keys import TUNNEL_ID_LENGTH, PrivateKey, PublicKey
 from punchd.retransmit import RequestTimedOut
@@ -46,7 +47,7 @@ EARLY_BUFFER = 16
 #: before handing off.  It comes a round trip after ours unless all three
 #: copies are lost; waiting long is cheap then, and a busy responder may be
 #: slow to say it.
-FINAL_WORD_WAIT = 3.0
+FINAL_WORD_WAIT = 2.0
 
 #: Makes a tunnel's socket for an address family, given what to do with
 #: each datagram read and how to tell one to leave queued for the program.
@@ -64,8 +65,10 @@ class TunnelInputs(Protocol):
     def gathered(self, found: list[Candidate]) -> None:
         "Our candidates beyond the host's are known (server-reflexive, mapped)."
 
-    def introduced(self, remote: list[Candidate], peer_key: PublicKey, nonce: bytes) -> None:
-        "We know the peer's candidates and key."
+    def introduced(
+        self, remote: list[Candidate], peer_key: PublicKey, nonce: bytes, peer_hard: bool = False
+    ) -> None:
+        "We know the peer's candidates and key (and whether its NAT is hard)."
 
     def refused(self, code: str, message: str) -> None:
         "The introduction failed (initiator)."
@@ -139,11 +142,17 @@ def introduce(m: TunnelInputs, core: TunnelCore, found: list[Candidate]) -> Intr
 
 
 def start_checking(
-    m: TunnelInputs, core: TunnelCore, remote: list[Candidate], peer_key: PublicKey, nonce: bytes
+    m: TunnelInputs,
+    core: TunnelCore,
+    remote: list[Candidate],
+    peer_key: PublicKey,
+    nonce: bytes,
+    peer_hard: bool = False,
 ) -> Checking:
     data = core.enter(Checking(core.timers(), core, m.checkSucceeded))
     core.add_remotes(remote)
     core.learn_key(peer_key, nonce)
+    spray = core.start_birthday(peer_hard, remote)
     core.progress({"event": "probing", "pairs": len(core.pairs)})
     log.debug(
         "tunnel {id}: checking {count} remotes: {remotes}",
@@ -152,12 +161,19 @@ def start_checking(
         remotes=", ".join(str(p.remote) for p in core.pairs),
     )
     if core.check_budget is not None:
-        # This round may probe for so long; the introduction had its own time.
-        data.timers.later(core.check_budget, m.roundIsSpent)
+        # This round may probe for so long (birthday probing takes longer);
+        # the introduction had its own time.
+        budget = core.check_budget
+        if core.extra_sockets or spray is not None:
+            assert core.birthday is not None
+            budget = max(budget, core.birthday.duration + 1.0)
+        data.timers.later(budget, m.roundIsSpent)
     if core.role.holds_first_checks:
         data.hold(core.wait_time())
     else:
         data.start()
+    if spray is not None:
+        data.start_spray(spray)
     core.role.checks_started(core)
     return data
 
@@ -165,6 +181,7 @@ def start_checking(
 def nominate(m: TunnelInputs, core: TunnelCore) -> StateData:
     data = core.enter(StateData(core.timers()))
     pair = core.chosen = core.pairs.best_answered()
+    core.io.close_extra(keep=pair.local)
     core.progress({"event": "nominating", "remote": format_address(pair.address)})
     log.debug("tunnel {id}: nominating {remote}", id=core.id_hex[:12], remote=pair.remote)
     check(core, pair, nominate=True).addCallbacks(
@@ -177,6 +194,7 @@ def nominate(m: TunnelInputs, core: TunnelCore) -> StateData:
 def await_confirmation(m: TunnelInputs, core: TunnelCore, pair: Pair) -> StateData:
     data = core.enter(StateData(core.timers()))
     core.chosen, core.chosen_at = pair, core.clock.seconds()
+    core.io.close_extra(keep=pair.local)
     log.debug("tunnel {id}: the peer nominated {remote}", id=core.id_hex[:12], remote=pair.remote)
     core.connect_chosen()
     data.timers.later(QUIET, m.quietPeriodIsOver)
@@ -368,7 +386,7 @@ class Tunnel:
     The glue around one tunnel's machine: its sockets, datagrams in, I/O out.
 
     Implements L{TunnelIO}.  Socket 0 speaks IPv4, socket 1 (when the host
-    has IPv6 addresses) IPv6.
+    has IPv6 addresses) IPv6; birthday probing's sockets come after.
     """
 
     def __init__(
@@ -388,10 +406,14 @@ class Tunnel:
         port_mapper: PortMapper | None = None,
         progress: ProgressCallback = lambda event: None,
         check_budget: float | None = None,
+        birthday: BirthdayPlan | None = None,
+        birthday_sockets: SocketBudget | None = None,
+        hard: bool = False,
     ) -> None:
-        self.sockets: list[TunnelSocket | None] = [self._open(sockets, socket.AF_INET, 0)]
+        self._factory = sockets
+        self.sockets: list[TunnelSocket | None] = [self._open(sockets, socket.AF_INET, 0), None]
         if any(":" in h for h in host_addresses):
-            self.sockets.append(self._open(sockets, socket.AF_INET6, 1))
+            self.sockets[1] = self._open(sockets, socket.AF_INET6, 1)
         self._early: list[tuple[int, bytes, Address]] = []
         self.result: Deferred[HandOff] = Deferred(lambda d: self.machine.cancel())
         self.core = TunnelCore(
@@ -406,6 +428,9 @@ class Tunnel:
             gatherer=gatherer,
             relay_binder=relay_binder,
             port_mapper=port_mapper,
+            birthday=birthday,
+            birthday_sockets=birthday_sockets,
+            hard=hard,
             progress=progress,
             result=self.result,
             check_budget=check_budget,
@@ -477,6 +502,28 @@ class Tunnel:
         sock = self.sockets[local]
         assert sock is not None
         sock.connect(remote)
+
+    def open_extra(self, count: int) -> list[int]:
+        opened = []
+        for _ in range(count):
+            local = len(self.sockets)
+            try:
+                sock = self._open(self._factory, socket.AF_INET, local)
+            except OSError as e:
+                log.info("tunnel {id}: no more sockets: {error}", id=self.core.id_hex, error=e)
+                break
+            self.sockets.append(sock)
+            if sock is not None:
+                sock.start_reading()
+                opened.append(local)
+        return opened
+
+    def close_extra(self, keep: int | None) -> None:
+        for local in range(EXTRA_SOCKETS, len(self.sockets)):
+            sock = self.sockets[local]
+            if local != keep and sock is not None:
+                sock.close()
+                self.sockets[local] = None
 
     def replay_early(self) -> None:
         early, self._early = self._early, []

@@ -22,6 +22,7 @@ from twisted.python.failure import Failure
 
 from punchd import stun
 from punchd.agent.api import HandOff, ProgressCallback, TunnelFailed
+from punchd.agent.birthday import BirthdayPlan, SocketBudget, Spray
 from punchd.agent.gatherers import ReflexiveGatherer, RelayBinder
 from punchd.agent.pairs import Address, Pair, Pairs
 from punchd.agent.portmap import Mapping, PortMapper
@@ -38,10 +39,13 @@ log = Logger()
 S = TypeVar("S", bound="StateData")
 
 PACING = 0.02
+PACING_SECONDS = PACING
 GATHER_BACKOFF = Backoff(initial=0.1, maximum=0.4, attempts=5)
 RELAY_BIND_BACKOFF = Backoff(initial=0.1, maximum=0.5, attempts=12)
 #: Seconds a port mapping is asked for; renewed while a tunnel uses it.
 MAPPING_LIFETIME = 120
+#: Sockets 0 (IPv4) and 1 (IPv6) are every tunnel's; birthday sockets follow.
+EXTRA_SOCKETS = 2
 CHECK_BACKOFF = Backoff(initial=0.1, maximum=0.5, attempts=40)
 NOMINATE_BACKOFF = Backoff(initial=0.1, maximum=0.4, attempts=16)
 GRACE = 0.05
@@ -76,6 +80,12 @@ class TunnelIO(Protocol):
 
     def connect(self, local: int, remote: Address) -> None:
         "Let only C{remote}'s datagrams reach socket C{local} from now on."
+
+    def open_extra(self, count: int) -> list[int]:
+        "Open C{count} more IPv4 sockets (birthday probing); their numbers."
+
+    def close_extra(self, keep: int | None) -> None:
+        "Close the extra sockets, but C{keep}."
 
     def replay_early(self) -> None:
         "The tunnel key is known: handle what arrived before it."
@@ -137,6 +147,11 @@ class TunnelCore:
     gatherer: ReflexiveGatherer | None
     relay_binder: RelayBinder | None
     port_mapper: PortMapper | None
+    #: Birthday probing's settings (None: off) and the agent's socket budget.
+    birthday: BirthdayPlan | None
+    birthday_sockets: SocketBudget | None
+    #: Our NAT maps per destination (netcheck said so).
+    hard: bool
     progress: ProgressCallback
     result: Deferred[HandOff]
     #: How long round one may probe before giving up when nothing got through.
@@ -162,6 +177,8 @@ class TunnelCore:
     peer_gave_up: bool = False
     #: We said our last words: no more answers to the peer's checks.
     done_answering: bool = False
+    #: Birthday sockets this tunnel holds of the agent's budget.
+    extra_sockets: int = 0
     deadline: IDelayedCall | None = None
     state: StateData | None = None
     checks: Transactions[tuple[stun.Message, Address]] = field(init=False)
@@ -320,6 +337,35 @@ class TunnelCore:
         self.checks.start(transaction_id, send, GATHER_BACKOFF).addCallbacks(mapped, unmapped)
         return found
 
+    # -- birthday probing ----------------------------------------------------
+
+    def start_birthday(self, peer_hard: bool, remote: list[Candidate]) -> Spray | None:
+        """
+        One side hard, the other easy: the hard side opens its sockets
+        towards the easy side's public address now, and the easy side gets
+        what to probe (the caller paces it).  Returns that spray, if ours.
+        """
+        plan = self.birthday
+        public = [c for c in remote if c.kind == CandidateKind.SRFLX and ":" not in c.host]
+        if plan is None or self.hard == peer_hard or not public:
+            return None
+        log.info(
+            "tunnel {id}: birthday probing, this side {side}",
+            id=self.id_hex[:12],
+            side="hard" if self.hard else "easy",
+        )
+        if not self.hard:
+            batch = max(1, round(plan.rate * PACING_SECONDS))
+            return Spray(public[0].host, plan.budget, batch)
+        budget = self.birthday_sockets
+        if budget is None or not budget.take(plan.sockets):
+            log.info("tunnel {id}: no birthday sockets left in this agent", id=self.id_hex[:12])
+            return None
+        self.extra_sockets = plan.sockets
+        for local in self.io.open_extra(plan.sockets):
+            self.pairs.add(local, public[0])
+        return None
+
     # -- timing --------------------------------------------------------------
 
     def wait_time(self) -> float:
@@ -424,7 +470,10 @@ class TunnelCore:
         """
         local = pair.mapped or self.io.local_address(pair.local)
         relayed = pair.remote.kind == CandidateKind.RELAY
+        probes = sum(p.guess for p in self.pairs)
         return {
+            **({"birthday_probes": probes} if probes else {}),
+            **({"birthday_sockets": self.extra_sockets} if self.extra_sockets else {}),
             "id": self.id_hex,
             "peer": self.peer,
             "service": self.service,

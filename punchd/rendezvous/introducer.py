@@ -103,6 +103,7 @@ class Introducer:
                 (Attr.PUBLIC_KEY, request.entry.public_key.raw),
                 *wire.encode_candidates(candidates, incoming_id),
                 *([(Attr.WAIT, b"")] if message.has(Attr.WAIT) else []),
+                *_flag(message, Attr.HARD_NAT),
                 *_relay_port(introduction, 1),
                 wire.timestamp(now),
             ],
@@ -218,6 +219,7 @@ class Introducer:
                 (Attr.PUBLIC_KEY, target_entry.public_key.raw),
                 (Attr.TUNNEL_NONCE, nonce),
                 *wire.encode_candidates(candidates, introduction.connect_id),
+                *_flag(answer, Attr.HARD_NAT),
                 *_relay_port(introduction, 0),
             ],
         )
@@ -247,3 +249,10 @@ def _relay_port(introduction: Introduction, side: int) -> list[tuple[int, bytes]
     if introduction.relay_ports is None:
         return []
     return [(Attr.RELAY_PORT, stun.encode_u32(introduction.relay_ports[side]))]
+
+
+def _flag(message: stun.Message, attr: int) -> list[tuple[int, bytes]]:
+    """
+    An empty flag attribute, passed on from one agent to the other.
+    """
+    return [(attr, b"")] if message.has(attr) else []

@@ -32,6 +32,7 @@ def test_every_pair_of_nat_profiles(lab: Lab, capsys: pytest.CaptureFixture[str]
     world = build_matrix_world(lab)
     try:
         world.start()
+        world.wait_netcheck()
         rows: list[tuple[str, Outcome]] = []
         wrong = []
         for label, initiator, responder, expected in matrix_pairs():
