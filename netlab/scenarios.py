@@ -44,6 +44,8 @@ class Outcome:
     exchanged: int = 0
     strays: list[str] = field(default_factory=list)
     accept: dict[str, Any] = field(default_factory=dict)
+    #: The initiator's tunnel description, as its program got it.
+    info: dict[str, Any] = field(default_factory=dict)
 
 
 class World:
@@ -190,6 +192,7 @@ class World:
             exchanged=min(result.get("exchanged", 0), accepted.get("exchanged", 0)),
             strays=result.get("strays", []) + accepted.get("strays", []),
             accept=accepted,
+            info=info,
         )
 
     def wait_netcheck(self, timeout: float = 30.0) -> None:
