@@ -91,6 +91,8 @@ def makeService(config: Options, reactor: Any = None) -> service.IService:
         settings.log_format, PROGRAM, getattr(config, "parent", None), (ControlSocketError,)
     )
     AgentService(agent).setServiceParent(parent)
-    factory = ControlFactory(agent, authorizer, connect_timeout=settings.connect_timeout)
+    factory = ControlFactory(
+        agent, authorizer, connect_timeout=settings.connect_timeout, clock=reactor
+    )
     ControlService(reactor, path, factory).setServiceParent(parent)
     return parent
