@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IListeningPort
@@ -26,7 +26,7 @@ from punchd.agent.registration import (
     RegistrationCore,
     build_registration_machine,
 )
-from punchd.agent.rendezvous_client import RendezvousClient, RendezvousError
+from punchd.agent.rendezvous_client import Refused, RendezvousClient, RendezvousError
 from punchd.agent.tunnel import SocketFactory
 from punchd.config import AgentConfig
 from punchd.keys import derive_rendezvous_key
@@ -47,6 +47,18 @@ FRIENDLY = {
     "timeout": "{peer} did not answer the introduction ({reason})",
     "not-registered": "the rendezvous has forgotten this agent; it is registering again",
 }
+
+
+def refusal_text(settings: AgentConfig) -> str:
+    """
+    What to say when the rendezvous refuses our credentials: both causes.
+    """
+    return (
+        "the rendezvous refused our credentials: either its peers file does not list "
+        f"agent {settings.name}, or the keys do not match (it must list this agent's "
+        f"public key {settings.private_key.public_key().to_base64()}, and "
+        "rendezvous_public_key here must be the rendezvous's)"
+    )
 
 
 class Agent:
@@ -79,6 +91,7 @@ class Agent:
             server=lambda: format_address(settings.rendezvous),
         )
         self.registration = build_registration_machine(self.registration_core)
+        self.refusal = refusal_text(settings)
         self._port: IListeningPort | None = None
         self.started_at = reactor.seconds()
 
@@ -138,7 +151,11 @@ class Agent:
             mapped = stun.decode_xor_address(value, message.transaction_id)
             return (mapped, stun.decode_u32(lifetime))
 
-        return self._resolve().addCallback(resolved).addCallback(registered)
+        def explained(failure: Failure) -> Failure:
+            failure.trap(Refused)
+            return Failure(Refused(self.refusal))
+
+        return self._resolve().addCallback(resolved).addCallback(registered).addErrback(explained)
 
     # -- AgentCore ------------------------------------------------------
 
@@ -160,7 +177,18 @@ class Agent:
             "uptime": round(self.reactor.seconds() - self.started_at, 3),
         }
 
+    def _refused(self) -> TunnelFailed | None:
+        """
+        While the rendezvous refuses us, requests fail at once, saying why.
+        """
+        if self.registration.describe() == "refused":
+            return TunnelFailed("unauthorized", self.refusal)
+        return None
+
     def peers(self) -> Deferred[list[dict[str, Any]]]:
+        refused = self._refused()
+        if refused is not None:
+            return _failed(refused)
         found: list[dict[str, Any]] = []
 
         def page(after: str | None) -> Deferred[list[dict[str, Any]]]:
@@ -179,8 +207,10 @@ class Agent:
     def _as_tunnel_failure(self, failure: Failure, peer: str, service: str) -> Failure:
         if failure.check(RendezvousError):
             error: RendezvousError = failure.value  # type: ignore[assignment]
-            if error.code == 470:
+            if error.code in (401, 470):
                 self.registration.reregisterNow()
+            if isinstance(error, Refused):
+                return Failure(TunnelFailed("unauthorized", self.refusal))
             template = FRIENDLY.get(error.name, "the rendezvous said: {reason}")
             message = template.format(peer=peer, service=service, reason=error.reason)
             return Failure(TunnelFailed(error.name, message))
@@ -197,13 +227,18 @@ class Agent:
         self, peer: str, service: str, timeout: float, progress: ProgressCallback
     ) -> Deferred[HandOff]:
         if peer == self.settings.name:
-            return _failed("bad-request", "cannot open a tunnel to this agent itself")
+            return _failed(TunnelFailed("bad-request", "cannot open a tunnel to this agent itself"))
+        refused = self._refused()
+        if refused is not None:
+            return _failed(refused)
         if self.registration.describe() != "registered":
             error = self.registration_core.last_error
             return _failed(
-                "not-registered",
-                "this agent is not registered with its rendezvous"
-                + (f" (last error: {error})" if error else ""),
+                TunnelFailed(
+                    "not-registered",
+                    "this agent is not registered with its rendezvous"
+                    + (f" (last error: {error})" if error else ""),
+                )
             )
         explain = self._explainer(peer, service)
         return self.punch.connect(peer, service, timeout, progress, explain)
@@ -215,7 +250,10 @@ class Agent:
         return self.punch.listen(service, incoming)
 
 
-def _failed(code: str, message: str) -> Deferred[HandOff]:
-    d: Deferred[HandOff] = Deferred()
-    d.errback(TunnelFailed(code, message))
+T = TypeVar("T")
+
+
+def _failed(error: TunnelFailed) -> Deferred[T]:
+    d: Deferred[T] = Deferred()
+    d.errback(error)
     return d

@@ -4,14 +4,18 @@ The agent's registration with the rendezvous, as an explicit state machine.
 Registered agents refresh every C{keepalive} seconds, which also keeps their
 NAT mapping open.  A refresh that goes unanswered means the rendezvous went
 silent (or the path to it did); the agent says so and registers again with
-capped, jittered backoff for as long as it runs.
+capped, jittered backoff for as long as it runs.  An attempt that the
+rendezvous refused (L{Refused}: a wrong name or key, most likely) leaves the
+agent "refused" until one succeeds, retried the same way, so that a
+corrected peers file lets it in without a restart.
 """
 
 from __future__ import annotations
 
 import random
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from automat import TypeMachineBuilder
@@ -20,6 +24,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from punchd.agent.rendezvous_client import Refused
 from punchd.wire import format_address
 
 log = Logger()
@@ -44,6 +49,9 @@ class Registration(Protocol):
 
     def fail(self, reason: str) -> None:
         "A registration attempt got an error or no answer."
+
+    def refuse(self, reason: str) -> None:
+        "The rendezvous refused our credentials (unsigned 401s only)."
 
     def keepaliveIsDue(self) -> None:
         "Time to refresh."
@@ -82,6 +90,8 @@ class RegistrationCore:
     lifetime: int = 0
     registered_at: float | None = None
     failures: int = 0
+    #: Attempts by outcome: registered, refreshed, failed, refused.
+    outcomes: Counter[str] = field(default_factory=Counter)
     last_error: str | None = None
     timer: IDelayedCall | None = None
     inflight: Deferred[Registered] | None = None
@@ -109,9 +119,20 @@ def _send(machine: Registration, core: RegistrationCore) -> None:
     def failed(failure: Failure) -> None:
         if core.inflight is d:
             core.inflight = None
-            machine.fail(failure.getErrorMessage() or repr(failure.value))
+            if failure.check(Refused):
+                machine.refuse(str(failure.value))
+            else:
+                machine.fail(failure.getErrorMessage() or repr(failure.value))
 
     d.addCallbacks(done, failed)
+
+
+def _retry_later(machine: Registration, core: RegistrationCore, reason: str) -> float:
+    core.failures += 1
+    core.last_error = reason
+    delay = backoff_delay(core.failures, core.jitter)
+    core.timer = core.clock.callLater(delay, machine.retryIsDue)
+    return delay
 
 
 def build_registration() -> Callable[[RegistrationCore], Registration]:
@@ -121,10 +142,15 @@ def build_registration() -> Callable[[RegistrationCore], Registration]:
     registered = builder.state("registered")
     refreshing = builder.state("refreshing")
     waiting = builder.state("waiting to retry")
+    # Refused, and waiting to retry; refused, and retrying.
+    refused = builder.state("refused")
+    rechecking = builder.state("rechecking")
 
     @stopped.upon(Registration.start).to(registering)
     @waiting.upon(Registration.retryIsDue).to(registering)
     @waiting.upon(Registration.reregisterNow).to(registering)
+    @refused.upon(Registration.retryIsDue).to(rechecking)
+    @refused.upon(Registration.reregisterNow).to(rechecking)
     def register(machine: Registration, core: RegistrationCore) -> None:
         core.cancel_timer()
         _send(machine, core)
@@ -137,9 +163,13 @@ def build_registration() -> Callable[[RegistrationCore], Registration]:
 
     @registering.upon(Registration.succeed).to(registered)
     @refreshing.upon(Registration.succeed).to(registered)
+    @rechecking.upon(Registration.succeed).to(registered)
     def remember(
         machine: Registration, core: RegistrationCore, mapped: tuple[str, int], lifetime: int
     ) -> None:
+        core.outcomes[
+            "refreshed" if core.registered_at and not core.failures else "registered"
+        ] += 1
         if core.registered_at is None or core.failures:
             log.info(
                 "registered with rendezvous {server} as {mapped}",
@@ -163,10 +193,10 @@ def build_registration() -> Callable[[RegistrationCore], Registration]:
 
     @registering.upon(Registration.fail).to(waiting)
     @refreshing.upon(Registration.fail).to(waiting)
+    @rechecking.upon(Registration.fail).to(waiting)
     def schedule_retry(machine: Registration, core: RegistrationCore, reason: str) -> None:
-        core.failures += 1
-        core.last_error = reason
-        delay = backoff_delay(core.failures, core.jitter)
+        core.outcomes["failed"] += 1
+        delay = _retry_later(machine, core, reason)
         if core.failures == 1:
             log.warn(
                 "rendezvous {server} did not accept us ({reason}); retrying",
@@ -180,19 +210,37 @@ def build_registration() -> Callable[[RegistrationCore], Registration]:
                 reason=reason,
                 delay=delay,
             )
-        core.timer = core.clock.callLater(delay, machine.retryIsDue)
+
+    @registering.upon(Registration.refuse).to(refused)
+    @refreshing.upon(Registration.refuse).to(refused)
+    def first_refusal(machine: Registration, core: RegistrationCore, reason: str) -> None:
+        core.outcomes["refused"] += 1
+        delay = _retry_later(machine, core, reason)
+        log.warn("{reason}; retrying in {delay:.1f} s", reason=reason, delay=delay)
+
+    @rechecking.upon(Registration.refuse).to(refused)
+    def refused_again(machine: Registration, core: RegistrationCore, reason: str) -> None:
+        core.outcomes["refused"] += 1
+        delay = _retry_later(machine, core, reason)
+        log.info(
+            "registration attempt {attempt} refused; next in {delay:.1f} s",
+            attempt=core.failures,
+            delay=delay,
+        )
 
     @registering.upon(Registration.stop).to(stopped)
     @registered.upon(Registration.stop).to(stopped)
     @refreshing.upon(Registration.stop).to(stopped)
     @waiting.upon(Registration.stop).to(stopped)
+    @refused.upon(Registration.stop).to(stopped)
+    @rechecking.upon(Registration.stop).to(stopped)
     def halt(machine: Registration, core: RegistrationCore) -> None:
         core.cancel_timer()
         core.cancel_inflight()
 
-    for state in (registering, registered, refreshing, waiting):
+    for state in (registering, registered, refreshing, waiting, refused, rechecking):
         state.upon(Registration.start).loop().returns(None)
-    for state in (registering, refreshing):
+    for state in (registering, refreshing, rechecking):
         state.upon(Registration.reregisterNow).loop().returns(None)
     stopped.upon(Registration.stop).loop().returns(None)
     stopped.upon(Registration.reregisterNow).loop().returns(None)
@@ -203,6 +251,8 @@ def build_registration() -> Callable[[RegistrationCore], Registration]:
         (registered, "registered"),
         (refreshing, "registered"),
         (waiting, "retrying"),
+        (refused, "refused"),
+        (rechecking, "refused"),
     ):
         state.upon(Registration.describe).loop().returns(name)
 
