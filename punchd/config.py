@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import ipaddress
 import os
 import sys
 import tomllib
@@ -250,6 +251,25 @@ def _pinned(value: Any, place: Place) -> dict[str, PublicKey]:
 # -- the config classes --------------------------------------------------------
 
 _LOG_FORMAT_HELP = "Log lines as text for people, or json (one object per line) for collectors."
+_METRICS_HELP = (
+    'Serve Prometheus metrics at http://IP:PORT/metrics, for example "127.0.0.1:9478"; "" for none.'
+)
+
+
+def _metrics_address(value: Any, place: Place) -> str:
+    """
+    C{""} (off) or C{"IP:port"} / C{"[IPv6]:port"}: an address, not a
+    name, so that what is exposed is plain from the config.
+    """
+    if value == "":
+        return ""
+    expected = f'must be "" (off) or "IP:port" such as "127.0.0.1:9478", got {show(value)}'
+    host, _ = checks.address(value, place)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise Invalid(expected) from None
+    return str(value)
 
 
 @_config_class
@@ -300,6 +320,8 @@ class RendezvousConfig:
     # Derived by load_rendezvous_config.
     private_key: PrivateKey
     peers: dict[str, PeerEntry]
+    # -- metrics --
+    metrics: str = setting(_metrics_address, _METRICS_HELP, default="")
 
 
 @_config_class
@@ -360,6 +382,8 @@ class AgentConfig:
     log_format: str = setting(checks.choice("text", "json"), _LOG_FORMAT_HELP, default="text")
     # Derived by load_agent_config.
     private_key: PrivateKey
+    # -- metrics --
+    metrics: str = setting(_metrics_address, _METRICS_HELP, default="")
 
 
 # -- loading -------------------------------------------------------------------

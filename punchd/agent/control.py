@@ -19,6 +19,7 @@ import pwd
 import socket
 import stat
 import struct
+from collections import Counter
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
@@ -267,6 +268,7 @@ class ControlProtocol(LineReceiver):
 
     def __init__(self, factory: ControlFactory) -> None:
         self._core = factory.core
+        self._counters = factory.counters
         self._authorizer = factory.authorizer
         self._connect_timeout = factory.connect_timeout
         self._active = False
@@ -278,6 +280,7 @@ class ControlProtocol(LineReceiver):
     def connectionMade(self) -> None:
         self._caller = peer_credentials(self._transport().getHandle())
         if not self._authorizer.allows(self._caller):
+            self._counters["refused"] += 1
             log.info(
                 "control socket: refused pid {pid} uid {uid} gid {gid}",
                 pid=self._caller.pid,
@@ -295,6 +298,7 @@ class ControlProtocol(LineReceiver):
             self._transport().loseConnection()
             return
         self._active = True
+        self._counters["accepted"] += 1
         self._handed_off = _HandedOff(self._transport())
         log.debug(
             "control socket: pid {pid} uid {uid} connected",
@@ -303,6 +307,8 @@ class ControlProtocol(LineReceiver):
         )
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._active:
+            self._counters["closed"] += 1
         self._active = False
         listeners = list(self._listeners.values())
         self._listeners.clear()
@@ -327,6 +333,7 @@ class ControlProtocol(LineReceiver):
             if handler is None:
                 op = "?"
                 raise BadRequest("unknown or missing op")
+            self._counters["op-" + op] += 1
             log.debug(
                 "control {op} id={rid!r} from uid {uid}", op=op, rid=rid, uid=self._caller.uid
             )
@@ -480,6 +487,8 @@ class ControlFactory(Factory):
         self.core = core
         self.authorizer = authorizer
         self.connect_timeout = connect_timeout
+        #: Connections (accepted, refused, closed) and requests (op-NAME), for metrics.
+        self.counters: Counter[str] = Counter()
 
     def buildProtocol(self, addr: IAddress | None) -> ControlProtocol:
         return ControlProtocol(self)

@@ -26,10 +26,16 @@ from punchd.agent.registration import (
     RegistrationCore,
     build_registration_machine,
 )
-from punchd.agent.rendezvous_client import Refused, RendezvousClient, RendezvousError
-from punchd.agent.tunnel import SocketFactory
+from punchd.agent.rendezvous_client import (
+    IncomingAnswer,
+    Refused,
+    RendezvousClient,
+    RendezvousError,
+)
+from punchd.agent.tunnel import SocketFactory, Tunnel
 from punchd.config import AgentConfig
 from punchd.keys import derive_rendezvous_key
+from punchd.metrics import TunnelStats
 from punchd.retransmit import Backoff, RequestTimedOut
 from punchd.stun import Attr, Method
 from punchd.wire import format_address
@@ -80,9 +86,7 @@ class Agent:
         key = derive_rendezvous_key(
             settings.private_key, settings.rendezvous_public_key, settings.name
         )
-        self.client = RendezvousClient(
-            settings.name, key, reactor, lambda message: self.punch.incoming(message)
-        )
+        self.client = RendezvousClient(settings.name, key, reactor, self._incoming)
         self.punch = Puncher(settings, reactor, self.client, key, addresses, sockets)
         self.registration_core = RegistrationCore(
             clock=reactor,
@@ -92,6 +96,7 @@ class Agent:
         )
         self.registration = build_registration_machine(self.registration_core)
         self.refusal = refusal_text(settings)
+        self.tunnel_stats = TunnelStats()
         self._port: IListeningPort | None = None
         self.started_at = reactor.seconds()
 
@@ -226,6 +231,12 @@ class Agent:
     def connect(
         self, peer: str, service: str, timeout: float, progress: ProgressCallback
     ) -> Deferred[HandOff]:
+        d = self._connect(peer, service, timeout, progress)
+        return d.addBoth(self.tunnel_stats.ended, "initiator")
+
+    def _connect(
+        self, peer: str, service: str, timeout: float, progress: ProgressCallback
+    ) -> Deferred[HandOff]:
         if peer == self.settings.name:
             return _failed(TunnelFailed("bad-request", "cannot open a tunnel to this agent itself"))
         refused = self._refused()
@@ -247,7 +258,29 @@ class Agent:
         return lambda failure: self._as_tunnel_failure(failure, peer, service)
 
     def listen(self, service: str, incoming: Callable[[HandOff], None]) -> Callable[[], None]:
-        return self.punch.listen(service, incoming)
+        def counted(handoff: HandOff) -> None:
+            self.tunnel_stats.succeeded("responder", handoff.info)
+            incoming(handoff)
+
+        return self.punch.listen(service, counted)
+
+    def _incoming(self, message: stun.Message) -> Deferred[IncomingAnswer]:
+        """
+        Answer a peer's introduction, counting the answer and, when the
+        tunnel it starts fails, the failure (its successes are counted as
+        they reach a listener).
+        """
+        before = set(self.punch.tunnels)
+        answer = self.punch.incoming(message)
+        for tunnel in [t for i, t in self.punch.tunnels.items() if i not in before]:
+            tunnel.result.addBoth(self._responder_ended, tunnel)
+
+        return answer.addCallback(self.tunnel_stats.answered)
+
+    def _responder_ended(self, result: object, tunnel: Tunnel) -> object:
+        if tunnel.machine.describe() == "failed":
+            self.tunnel_stats.failed("responder", "failed")
+        return result
 
 
 T = TypeVar("T")

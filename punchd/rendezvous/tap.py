@@ -21,6 +21,7 @@ from punchd.config import (
     refuse_to_start,
 )
 from punchd.launch import DaemonService, configure, option_parameters
+from punchd.metrics import FunctionCollector, metrics_service, rendezvous_metrics
 from punchd.rendezvous.limits import SourceLimiter
 from punchd.rendezvous.registry import MemoryRegistry
 from punchd.rendezvous.server import Directory, RendezvousProtocol
@@ -162,4 +163,9 @@ def makeService(config: Options, reactor: Any = None) -> service.IService:
         max_pending=settings.max_pending,
         max_lifetime=settings.registration_lifetime,
     )
-    return RendezvousService(settings, protocol, reactor, sock, getattr(config, "parent", None))
+    parent = RendezvousService(settings, protocol, reactor, sock, getattr(config, "parent", None))
+    collector = FunctionCollector(lambda: rendezvous_metrics(protocol))
+    metrics = metrics_service(settings.metrics, PROGRAM, collector, reactor)
+    if metrics is not None:
+        metrics.setServiceParent(parent)
+    return parent
