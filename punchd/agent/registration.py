@@ -135,127 +135,127 @@ def _retry_later(machine: Registration, core: RegistrationCore, reason: str) -> 
     return delay
 
 
-def build_registration() -> Callable[[RegistrationCore], Registration]:
-    builder = TypeMachineBuilder(Registration, RegistrationCore)
-    stopped = builder.state("stopped")
-    registering = builder.state("registering")
-    registered = builder.state("registered")
-    refreshing = builder.state("refreshing")
-    waiting = builder.state("waiting to retry")
-    # Refused, and waiting to retry; refused, and retrying.
-    refused = builder.state("refused")
-    rechecking = builder.state("rechecking")
+# -- what the transitions do ---------------------------------------------------
 
-    @stopped.upon(Registration.start).to(registering)
-    @waiting.upon(Registration.retryIsDue).to(registering)
-    @waiting.upon(Registration.reregisterNow).to(registering)
-    @refused.upon(Registration.retryIsDue).to(rechecking)
-    @refused.upon(Registration.reregisterNow).to(rechecking)
-    def register(machine: Registration, core: RegistrationCore) -> None:
-        core.cancel_timer()
-        _send(machine, core)
 
-    @registered.upon(Registration.keepaliveIsDue).to(refreshing)
-    @registered.upon(Registration.reregisterNow).to(refreshing)
-    def refresh(machine: Registration, core: RegistrationCore) -> None:
-        core.cancel_timer()
-        _send(machine, core)
+def _attempt(machine: Registration, core: RegistrationCore) -> None:
+    core.cancel_timer()
+    _send(machine, core)
 
-    @registering.upon(Registration.succeed).to(registered)
-    @refreshing.upon(Registration.succeed).to(registered)
-    @rechecking.upon(Registration.succeed).to(registered)
-    def remember(
-        machine: Registration, core: RegistrationCore, mapped: tuple[str, int], lifetime: int
-    ) -> None:
-        core.outcomes[
-            "refreshed" if core.registered_at and not core.failures else "registered"
-        ] += 1
-        if core.registered_at is None or core.failures:
-            log.info(
-                "registered with rendezvous {server} as {mapped}",
-                server=core.server(),
-                mapped=format_address(mapped),
-            )
-        if core.mapped is not None and core.mapped != mapped:
-            log.info(
-                "our mapped address changed from {old} to {new}",
-                old=format_address(core.mapped),
-                new=format_address(mapped),
-            )
-        core.mapped = mapped
-        core.lifetime = lifetime
-        core.registered_at = core.clock.seconds()
-        core.failures = 0
-        core.last_error = None
-        # Refresh well within what the server granted, whatever was asked.
-        refresh = min(core.keepalive, lifetime / 3) if lifetime > 0 else core.keepalive
-        core.timer = core.clock.callLater(refresh, machine.keepaliveIsDue)
 
-    @registering.upon(Registration.fail).to(waiting)
-    @refreshing.upon(Registration.fail).to(waiting)
-    @rechecking.upon(Registration.fail).to(waiting)
-    def schedule_retry(machine: Registration, core: RegistrationCore, reason: str) -> None:
-        core.outcomes["failed"] += 1
-        delay = _retry_later(machine, core, reason)
-        if core.failures == 1:
-            log.warn(
-                "rendezvous {server} did not accept us ({reason}); retrying",
-                server=core.server(),
-                reason=reason,
-            )
-        else:
-            log.info(
-                "registration attempt {attempt} failed ({reason}); next in {delay:.1f} s",
-                attempt=core.failures,
-                reason=reason,
-                delay=delay,
-            )
-
-    @registering.upon(Registration.refuse).to(refused)
-    @refreshing.upon(Registration.refuse).to(refused)
-    def first_refusal(machine: Registration, core: RegistrationCore, reason: str) -> None:
-        core.outcomes["refused"] += 1
-        delay = _retry_later(machine, core, reason)
-        log.warn("{reason}; retrying in {delay:.1f} s", reason=reason, delay=delay)
-
-    @rechecking.upon(Registration.refuse).to(refused)
-    def refused_again(machine: Registration, core: RegistrationCore, reason: str) -> None:
-        core.outcomes["refused"] += 1
-        delay = _retry_later(machine, core, reason)
+def _remember(
+    machine: Registration, core: RegistrationCore, mapped: tuple[str, int], lifetime: int
+) -> None:
+    fresh = core.registered_at is None or core.failures > 0
+    core.outcomes["registered" if fresh else "refreshed"] += 1
+    if fresh:
         log.info(
-            "registration attempt {attempt} refused; next in {delay:.1f} s",
+            "registered with rendezvous {server} as {mapped}",
+            server=core.server(),
+            mapped=format_address(mapped),
+        )
+    if core.mapped is not None and core.mapped != mapped:
+        log.info(
+            "our mapped address changed from {old} to {new}",
+            old=format_address(core.mapped),
+            new=format_address(mapped),
+        )
+    core.mapped = mapped
+    core.lifetime = lifetime
+    core.registered_at = core.clock.seconds()
+    core.failures = 0
+    core.last_error = None
+    # Refresh well within what the server granted, whatever was asked.
+    refresh = min(core.keepalive, lifetime / 3) if lifetime > 0 else core.keepalive
+    core.timer = core.clock.callLater(refresh, machine.keepaliveIsDue)
+
+
+def _schedule_retry(machine: Registration, core: RegistrationCore, reason: str) -> None:
+    core.outcomes["failed"] += 1
+    delay = _retry_later(machine, core, reason)
+    if core.failures == 1:
+        log.warn(
+            "rendezvous {server} did not accept us ({reason}); retrying",
+            server=core.server(),
+            reason=reason,
+        )
+    else:
+        log.info(
+            "registration attempt {attempt} failed ({reason}); next in {delay:.1f} s",
             attempt=core.failures,
+            reason=reason,
             delay=delay,
         )
 
-    @registering.upon(Registration.stop).to(stopped)
-    @registered.upon(Registration.stop).to(stopped)
-    @refreshing.upon(Registration.stop).to(stopped)
-    @waiting.upon(Registration.stop).to(stopped)
-    @refused.upon(Registration.stop).to(stopped)
-    @rechecking.upon(Registration.stop).to(stopped)
-    def halt(machine: Registration, core: RegistrationCore) -> None:
-        core.cancel_timer()
-        core.cancel_inflight()
 
-    for state in (registering, registered, refreshing, waiting, refused, rechecking):
-        state.upon(Registration.start).loop().returns(None)
-    for state in (registering, refreshing, rechecking):
-        state.upon(Registration.reregisterNow).loop().returns(None)
-    stopped.upon(Registration.stop).loop().returns(None)
-    stopped.upon(Registration.reregisterNow).loop().returns(None)
+def _first_refusal(machine: Registration, core: RegistrationCore, reason: str) -> None:
+    core.outcomes["refused"] += 1
+    delay = _retry_later(machine, core, reason)
+    log.warn("{reason}; retrying in {delay:.1f} s", reason=reason, delay=delay)
 
-    for state, name in (
-        (stopped, "stopped"),
-        (registering, "registering"),
-        (registered, "registered"),
-        (refreshing, "registered"),
-        (waiting, "retrying"),
-        (refused, "refused"),
-        (rechecking, "refused"),
-    ):
-        state.upon(Registration.describe).loop().returns(name)
 
+def _refused_again(machine: Registration, core: RegistrationCore, reason: str) -> None:
+    core.outcomes["refused"] += 1
+    delay = _retry_later(machine, core, reason)
+    log.info(
+        "registration attempt {attempt} refused; next in {delay:.1f} s",
+        attempt=core.failures,
+        delay=delay,
+    )
+
+
+def _halt(machine: Registration, core: RegistrationCore) -> None:
+    core.cancel_timer()
+    core.cancel_inflight()
+
+
+#: Each state's name in status reports.
+DESCRIPTIONS = {
+    "stopped": "stopped",
+    "registering": "registering",
+    "registered": "registered",
+    "refreshing": "registered",
+    "waiting to retry": "retrying",
+    # Refused, and waiting to retry; refused, and retrying.
+    "refused": "refused",
+    "rechecking": "refused",
+}
+
+
+def build_registration() -> Callable[[RegistrationCore], Registration]:
+    builder = TypeMachineBuilder(Registration, RegistrationCore)
+    states = {name: builder.state(name) for name in DESCRIPTIONS}
+    stopped, registering, registered = (
+        states["stopped"],
+        states["registering"],
+        states["registered"],
+    )
+    refreshing, waiting = states["refreshing"], states["waiting to retry"]
+    refused, rechecking = states["refused"], states["rechecking"]
+    R = Registration
+
+    stopped.upon(R.start).to(registering)(_attempt)
+    for idle, attempting in [(waiting, registering), (refused, rechecking)]:
+        idle.upon(R.retryIsDue).to(attempting)(_attempt)
+        idle.upon(R.reregisterNow).to(attempting)(_attempt)
+    registered.upon(R.keepaliveIsDue).to(refreshing)(_attempt)
+    registered.upon(R.reregisterNow).to(refreshing)(_attempt)
+    for attempting in (registering, refreshing, rechecking):
+        attempting.upon(R.succeed).to(registered)(_remember)
+        attempting.upon(R.fail).to(waiting)(_schedule_retry)
+        attempting.upon(R.reregisterNow).loop().returns(None)
+    registering.upon(R.refuse).to(refused)(_first_refusal)
+    refreshing.upon(R.refuse).to(refused)(_first_refusal)
+    rechecking.upon(R.refuse).to(refused)(_refused_again)
+
+    for name, state in states.items():
+        state.upon(R.describe).loop().returns(DESCRIPTIONS[name])
+        if state is stopped:
+            state.upon(R.stop).loop().returns(None)
+            state.upon(R.reregisterNow).loop().returns(None)
+        else:
+            state.upon(R.stop).to(stopped)(_halt)
+            state.upon(R.start).loop().returns(None)
     return builder.build()
 
 
