@@ -278,9 +278,14 @@ class Agent:
         return answer.addCallback(self.tunnel_stats.answered)
 
     def _responder_ended(self, result: object, tunnel: Tunnel) -> object:
+        # The result fires inside the tunnel machine's last transition: ask
+        # it where it ended once that is over.
+        self.reactor.callLater(0, self._count_responder_failure, tunnel)
+        return result
+
+    def _count_responder_failure(self, tunnel: Tunnel) -> None:
         if tunnel.machine.describe() == "failed":
             self.tunnel_stats.failed("responder", "failed")
-        return result
 
 
 T = TypeVar("T")
