@@ -19,8 +19,8 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 lint: $(STAMP)
-	$(BIN)/ruff check punchd netlab tests bench twisted/plugins
-	$(BIN)/ruff format --check punchd netlab tests bench twisted/plugins
+	$(BIN)/ruff check punchd netlab tests bench fuzz twisted/plugins
+	$(BIN)/ruff format --check punchd netlab tests bench fuzz twisted/plugins
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
@@ -38,3 +38,14 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) dist .mypy_cache .ruff_cache .pytest_cache
+
+# Coverage-guided fuzzing (fuzz/): FUZZ_SECONDS per target, FUZZ_TARGETS to
+# pick some (default: all).  atheris is installed here only: the test suite's
+# slice of the campaign (tests/test_fuzz.py) runs without it.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?=
+
+.PHONY: fuzz
+fuzz: $(STAMP)
+	$(BIN)/python -c "import atheris" 2>/dev/null || $(BIN)/python -m pip install -q 'atheris >= 2.3'
+	$(BIN)/python -m fuzz.run --seconds $(FUZZ_SECONDS) $(FUZZ_TARGETS)

@@ -59,6 +59,8 @@ SCENARIOS = (
     "public -> symmetric",
     "same-lan",
     "cone(open) -> cone",
+    "cone -> symmetric",
+    "symmetric -> symmetric",
 )
 LOSS_LEVELS = (0, 10, 30)
 LOSS_SITES = ("conea", "coneb")

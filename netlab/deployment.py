@@ -64,6 +64,10 @@ class Deployment:
     listen_interface: str | None = None
     keepalive: float = 5.0
     binding_rate: float = 0.0
+    #: More lines for rendezvous.toml, such as C{relay_ports = "..."}.
+    rendezvous_extra: str = ""
+    #: The rendezvous's second Binding port (netcheck); 0 for none.
+    alternate_port: int = 0
     agents: dict[str, AgentHandle] = field(default_factory=dict)
     rendezvous_process: subprocess.Popen[bytes] | None = None
 
@@ -93,6 +97,8 @@ class Deployment:
             'private_key = "rendezvous.key"\n'
             'peers = "peers.toml"\n'
             f"binding_rate = {self.binding_rate}\n"
+            f"{self.rendezvous_extra}"
+            f"alternate_port = {self.alternate_port}\n"
         )
         self._write_peers()
 

@@ -5,7 +5,9 @@ Topology: an ``inet`` namespace holds a bridge that plays "the internet"
 NAT namespace whose ``wan`` veth is on that bridge and whose ``lan`` bridge
 (one /28 of 192.0.2.0/24) connects the site's host namespaces.  A ``cgnat``
 site puts the home NAT's ``wan`` on a /30 of 198.51.100.0/24 behind a
-carrier NAT namespace, which is the one on the internet.
+carrier NAT namespace, which is the one on the internet.  A ``miniupnpd``
+site is a symmetric NAT running miniupnpd (PCP, NAT-PMP and UPnP-IGD), as
+set up by :mod:`netlab.upnp`.
 
 Nothing links to the root namespace: every veth is created directly inside
 lab namespaces (``ip -n``), so the host's own network is never touched.  All
@@ -32,16 +34,18 @@ import secrets
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any, Literal, get_args
 
-from netlab import child_env
+from netlab import child_env, upnp
 
-Profile = Literal["cone", "full-cone", "symmetric", "same-lan", "cgnat"]
+Profile = Literal["cone", "full-cone", "symmetric", "same-lan", "cgnat", "miniupnpd"]
 PROFILES: tuple[Profile, ...] = get_args(Profile)
 WanInput = Literal["drop", "accept"]
 
@@ -116,6 +120,11 @@ def nat_ruleset(profile: Profile, wan_input: WanInput = "drop") -> str:
         raise ValueError(f"unknown NAT profile {profile!r}; choose from {PROFILES}")
     masquerade = "masquerade fully-random" if profile == "symmetric" else "masquerade"
     full_cone = profile == "full-cone"
+    if profile == "miniupnpd":
+        # Symmetric for the LAN; the NAT's own traffic (miniupnpd's STUN
+        # test) and traffic to ports miniupnpd forwards go through untouched.
+        masquerade = 'iifname "lan" masquerade fully-random'
+        full_cone = False
     lines = [
         "table ip punchd {",
         "\tchain input {",
@@ -127,7 +136,7 @@ def nat_ruleset(profile: Profile, wan_input: WanInput = "drop") -> str:
         "\t\ttype filter hook forward priority filter; policy drop;",
         "\t\tct state established,related accept",
         '\t\tiifname "lan" accept',
-        *(["\t\tct status dnat accept"] if full_cone else []),
+        *(["\t\tct status dnat accept"] if full_cone or profile == "miniupnpd" else []),
         "\t}",
         "\tchain postrouting {",
         "\t\ttype nat hook postrouting priority srcnat;",
@@ -242,6 +251,8 @@ class Site:
         self._lab = lab
         self._bridge_port = bridge_port
         self._loss = 0
+        #: Where miniupnpd logs, for a ``miniupnpd`` site.
+        self.miniupnpd_log: Path | None = None
 
     def __repr__(self) -> str:
         return f"<Site {self.name} {self.profile} {self.public_address}>"
@@ -262,6 +273,25 @@ class Site:
         self._lab._check_open()
         _nft(self._lab.inet_netns, loss_ruleset(f"loss_{self.name}", self._bridge_port, percent))
         self._loss = percent
+
+    def port_mappings(self) -> list[str]:
+        """The DNAT rules miniupnpd keeps for a ``miniupnpd`` site, one per mapping."""
+        self._lab._check_open()
+        listing = _run(
+            [
+                "ip",
+                "netns",
+                "exec",
+                self.nat_netns,
+                "nft",
+                "list",
+                "chain",
+                "inet",
+                "miniupnpd",
+                "prerouting_miniupnpd",
+            ]
+        )
+        return [line.strip() for line in listing.splitlines() if "dnat" in line]
 
     def flush_conntrack(self) -> None:
         """Forget every mapping of the site's (home) NAT, as a router reboot would."""
@@ -295,6 +325,7 @@ class Lab:
         self._next_port = 0
         self._carriers = 0
         self._closed = False
+        self._stun_started = False
 
     # -- lifecycle -------------------------------------------------------
 
@@ -466,9 +497,34 @@ class Lab:
                 f"route add default via {lan[1]}",
             )
             site.hosts.append(Host(self, host_name, netns, address))
+        if profile == "miniupnpd":
+            self._start_miniupnpd(site, str(lan))
         if loss:
             site.set_loss(loss)
         return site
+
+    def _start_miniupnpd(self, site: Site, lan: str) -> None:
+        """Run miniupnpd in the site's NAT, once it has found its WAN open."""
+        if shutil.which("miniupnpd") is None:
+            raise LabError("the miniupnpd profile needs miniupnpd (Debian: miniupnpd-nftables)")
+        if not self._stun_started:
+            argv = [sys.executable, "-m", "netlab.upnp", "stun", str(upnp.STUN_PORT)]
+            self._spawn(self.inet_netns, argv, {"stdout": subprocess.DEVNULL})
+            self._stun_started = True
+        directory = self.tmpdir / f"{site.name}-upnp"
+        directory.mkdir()
+        config = directory / "miniupnpd.conf"
+        config.write_text(upnp.miniupnpd_config(directory, GATEWAY, lan, str(uuid.uuid4())))
+        _nft(site.nat_netns, upnp.MINIUPNPD_TABLES)
+        site.miniupnpd_log = directory / "log"
+        argv = ["miniupnpd", "-d", "-f", str(config), "-P", str(directory / "pid")]
+        with open(site.miniupnpd_log, "wb") as log:
+            self._spawn(site.nat_netns, argv, {"stdout": log, "stderr": subprocess.STDOUT})
+        deadline = time.monotonic() + _COMMAND_TIMEOUT
+        while "Listening for NAT-PMP" not in site.miniupnpd_log.read_text(errors="replace"):
+            if time.monotonic() > deadline:
+                raise LabError(f"miniupnpd did not start: {site.miniupnpd_log.read_text()}")
+            time.sleep(0.05)
 
     def _check_names(self, names: list[str]) -> None:
         for name in names:

@@ -68,6 +68,49 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+#: A netcheck gathers twice (up to ~2.5 s each) and probes the gateway.
+NETCHECK_TIMEOUT = 15.0
+
+
+def _netcheck(args: argparse.Namespace) -> int:
+    # punchd.client has no netcheck() of its own yet: ask for the op directly.
+    report = client._ask("netcheck", "netcheck", args.socket, NETCHECK_TIMEOUT)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(describe_netcheck(report))
+    return 0
+
+
+def describe_netcheck(report: dict[str, Any]) -> str:
+    """
+    A netcheck report as a few aligned lines for people.
+    """
+    rtt = report.get("rendezvous_rtt_ms")
+    udp = "blocked (no answer from the rendezvous)"
+    if report.get("udp"):
+        udp = "works" + (f" (rendezvous round trip {rtt:g} ms)" if rtt is not None else "")
+    varies = report.get("mapping_varies_by_destination")
+    if report.get("nat") is False:
+        nat = "none (this host has the public address)"
+    elif varies is None:
+        nat = "unknown (the rendezvous has no alternate port)" if report.get("udp") else "unknown"
+    elif varies:
+        nat = "maps each destination apart (symmetric, hard to punch)"
+    else:
+        nat = "keeps one mapping per socket (cone, easy to punch)"
+    mapping = ", ".join(report.get("port_mapping") or []) or "none offered by the gateway"
+    rows = [
+        ("UDP", udp),
+        ("public IPv4", report.get("ipv4") or "none"),
+        ("public IPv6", report.get("ipv6") or "none"),
+        ("NAT", nat),
+        ("port mapping", mapping),
+        ("in short", str(report.get("summary", ""))),
+    ]
+    return "\n".join(f"{label + ':':<14}{value}" for label, value in rows)
+
+
 #: How status's fields read, in this order; any others follow as they come.
 _STATUS_LABELS = {
     "name": "agent",
@@ -76,6 +119,7 @@ _STATUS_LABELS = {
     "mapped": "public address",
     "tunnels": "tunnels",
     "listening": "listening for",
+    "netcheck": "network",
     "last_error": "last error",
 }
 #: Fields read as part of others.
@@ -411,6 +455,7 @@ def _parser() -> argparse.ArgumentParser:
     for name, func, text in (
         ("status", _status, "show the agent's state"),
         ("peers", _peers, "list peers online in the agent's network"),
+        ("netcheck", _netcheck, "check what this network lets tunnels do"),
     ):
         command = commands.add_parser(name, help=text)
         command.add_argument("--json", action="store_true", help="print JSON")

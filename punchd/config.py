@@ -20,6 +20,7 @@ import difflib
 import functools
 import ipaddress
 import os
+import re
 import sys
 import tomllib
 from collections.abc import Callable, Mapping
@@ -42,6 +43,7 @@ __all__ = [
     "load_agent_config",
     "load_peers",
     "load_rendezvous_config",
+    "port_range",
     "refuse_to_start",
     "settings",
 ]
@@ -250,6 +252,49 @@ def _pinned(value: Any, place: Place) -> dict[str, PublicKey]:
 
 # -- the config classes --------------------------------------------------------
 
+
+def _boolean(value: Any, place: Place) -> bool:
+    if not isinstance(value, bool):
+        raise Invalid(f"must be true or false, got {show(value)}")
+    return value
+
+
+def _boolean_text(text: str) -> Any:
+    """
+    An on/off option's text; anything else is kept for the check to quote.
+    """
+    words = {"true": True, "yes": True, "on": True, "1": True}
+    words |= {"false": False, "no": False, "off": False, "0": False}
+    return words.get(text.strip().lower(), text)
+
+
+def port_range(text: str) -> tuple[int, int]:
+    """
+    The (low, high) ports of a checked C{relay_ports} value.
+    """
+    low, _, high = text.partition("-")
+    return int(low), int(high)
+
+
+def _port_range(value: Any, place: Place) -> str:
+    """
+    C{"LOW-HIGH"}, ordered, within 1024-65535, at least two ports (one
+    relayed tunnel needs two).
+    """
+    expected = f'must be a port range "LOW-HIGH" within 1024-65535, got {show(value)}'
+    if not isinstance(value, str):
+        raise Invalid(expected)
+    match = re.fullmatch(r"\s*([0-9]{1,5})\s*-\s*([0-9]{1,5})\s*", value)
+    if match is None:
+        raise Invalid(expected)
+    low, high = int(match.group(1)), int(match.group(2))
+    if not 1024 <= low <= 65535 or not 1024 <= high <= 65535:
+        raise Invalid(expected)
+    if high <= low:
+        raise Invalid(f"must be a range LOW-HIGH with LOW below HIGH, got {show(value)}")
+    return f"{low}-{high}"
+
+
 _LOG_FORMAT_HELP = "Log lines as text for people, or json (one object per line) for collectors."
 _METRICS_HELP = (
     'Serve Prometheus metrics at http://IP:PORT/metrics, for example "127.0.0.1:9478"; "" for none.'
@@ -270,6 +315,25 @@ def _metrics_address(value: Any, place: Place) -> str:
     except ValueError:
         raise Invalid(expected) from None
     return str(value)
+
+
+def _flag(value: Any, place: Place) -> bool:
+    if not isinstance(value, bool):
+        raise Invalid(f"must be true or false, got {show(value)}")
+    return value
+
+
+def _flag_text(text: str) -> Any:
+    """
+    C{true}/C{yes}/C{on}/C{1} or C{false}/C{no}/C{off}/C{0}; other text is
+    kept for the check to quote.
+    """
+    word = text.strip().lower()
+    if word in ("true", "yes", "on", "1"):
+        return True
+    if word in ("false", "no", "off", "0"):
+        return False
+    return text
 
 
 @_config_class
@@ -316,10 +380,47 @@ class RendezvousConfig:
         default=600,
         from_text=checks.int_text,
     )
+    relay: bool = setting(
+        _boolean,
+        "Relay tunnels between agents that cannot reach each other directly.",
+        default=True,
+        from_text=_boolean_text,
+    )
+    relay_ports: str = setting(
+        _port_range,
+        'UDP ports the relay opens, two per relayed tunnel: a range "LOW-HIGH" within 1024-65535.',
+        default="49152-65535",
+    )
+    relay_idle_timeout: float = setting(
+        checks.number(1, 86400),
+        "Seconds without a datagram either way before a relayed tunnel is freed.",
+        default=120.0,
+        from_text=checks.float_text,
+    )
+    relay_max_per_agent: int = setting(
+        checks.integer(1, 65536),
+        "Relayed tunnels one agent may have at once, on either side.",
+        default=16,
+        from_text=checks.int_text,
+    )
+    relay_rate: float = setting(
+        checks.number(0, None),
+        "Bytes per second one relayed tunnel may carry, both ways together; 0 for no limit.",
+        default=0.0,
+        from_text=checks.float_text,
+    )
     log_format: str = setting(checks.choice("text", "json"), _LOG_FORMAT_HELP, default="text")
     # Derived by load_rendezvous_config.
     private_key: PrivateKey
     peers: dict[str, PeerEntry]
+    # -- hard NATs --
+    alternate_port: int = setting(
+        checks.integer(0, 65535),
+        "A second UDP port answering STUN Binding, so that agents can tell whether"
+        " their NAT's mapping varies by destination; 0 for none.",
+        default=0,
+        from_text=checks.int_text,
+    )
     # -- metrics --
     metrics: str = setting(_metrics_address, _METRICS_HELP, default="")
 
@@ -382,6 +483,13 @@ class AgentConfig:
     log_format: str = setting(checks.choice("text", "json"), _LOG_FORMAT_HELP, default="text")
     # Derived by load_agent_config.
     private_key: PrivateKey
+    # -- hard NATs --
+    port_mapping: bool = setting(
+        _flag,
+        "Ask the gateway for port mappings (PCP, NAT-PMP, UPnP-IGD).",
+        default=True,
+        from_text=_flag_text,
+    )
     # -- metrics --
     metrics: str = setting(_metrics_address, _METRICS_HELP, default="")
 

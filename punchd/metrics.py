@@ -387,6 +387,23 @@ CONTROL_COUNTERS = (
         "control_connections_closed", "Accepted control connections closed.", keys={"closed": ""}
     ),
 )
+RELAY_COUNTERS = (
+    FromCounter(
+        "relay_allocations", "Relay allocations made (two ports each).", keys={"allocations": ""}
+    ),
+    FromCounter(
+        "relay_allocations_refused", "Relay allocations refused.", keys={"allocations-refused": ""}
+    ),
+    FromCounter("relay_freed", "Relay allocations freed, by why.", "why", prefix="freed-"),
+    FromCounter("relay_binds", "Signed binds of relay ports accepted.", keys={"binds": ""}),
+    FromCounter("relay_datagrams", "Datagrams forwarded by the relay.", keys={"forwarded": ""}),
+    FromCounter("relay_bytes", "Bytes forwarded by the relay.", keys={"forwarded-bytes": ""}),
+    FromCounter(
+        "relay_dropped", "Datagrams the relay dropped, by reason.", "reason", prefix="dropped-"
+    ),
+)
+#: Relay counter keys that hold a level, not a count.
+RELAY_GAUGES = {"allocations-active": ("relay_allocations_active", "Relay allocations now.")}
 REGISTRATION_STATES = ("registering", "registered", "retrying", "refused", "stopped")
 
 
@@ -395,11 +412,21 @@ def rendezvous_metrics(protocol: RendezvousProtocol) -> Iterator[Metric]:
     count = getattr(protocol.registry, "count", None)  # a shared registry may not know
     if isinstance(count, int):
         yield gauge("agents_registered", "Agents registered now.", count)
+    relay = getattr(protocol, "relay", None)
+    if relay is not None:
+        yield from relay_metrics(relay.counters)
     yield gauge(
         "introductions_pending",
         "Introductions waiting for their target.",
         protocol.pending_introductions(),
     )
+
+
+def relay_metrics(counters: Mapping[str, int]) -> Iterator[Metric]:
+    counts = {k: v for k, v in counters.items() if k not in RELAY_GAUGES}
+    yield from read_counter(counts, RELAY_COUNTERS, "relay_events")
+    for key, (name, help) in RELAY_GAUGES.items():
+        yield gauge(name, help, counters.get(key, 0))
 
 
 def agent_metrics(agent: Agent, control: Mapping[str, int]) -> Iterator[Metric]:

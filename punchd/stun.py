@@ -44,6 +44,7 @@ class Method(enum.IntEnum):
     INCOMING = 0x0F4
     CONFIRM = 0x0F5
     ABANDON = 0x0F6
+    RELAY_BIND = 0x0F7
 
 
 class Attr(enum.IntEnum):
@@ -72,6 +73,10 @@ class Attr(enum.IntEnum):
     MORE = 0x4D08
     WAIT = 0x4D09
     TUNNEL_NONCE = 0x4D0A
+    TIMESTAMP = 0x4D0B
+    RELAY = 0x4D0C
+    RELAY_PORT = 0x4D0D
+    ALTERNATE_PORT = 0x4D10
 
 
 def _attr_name(attr_type: int) -> str:

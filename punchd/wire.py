@@ -64,6 +64,7 @@ class CandidateKind(enum.IntEnum):
     SRFLX = 1
     PRFLX = 2
     RELAY = 3
+    MAPPED = 4
 
     @property
     def label(self) -> str:
@@ -74,7 +75,18 @@ class CandidateKind(enum.IntEnum):
         """
         ICE type preference: a direct LAN path beats a reflexive one beats a relay.
         """
-        return {0: 126, 1: 100, 2: 110, 3: 0}[int(self)]
+        # A gateway's port mapping admits anyone, unlike a NAT's own mapping.
+        return {0: 126, 1: 100, 2: 110, 3: 0, 4: 105}[int(self)]
+
+    @property
+    def patience(self) -> float | None:
+        """
+        How long a pair of this kind that answered waits for a better pair
+        before it is nominated, when better pairs are still untried; None:
+        a few of its round trips.  A relayed path is the last resort: the
+        direct pairs get time to answer first.
+        """
+        return 0.5 if self is CandidateKind.RELAY else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,6 +206,23 @@ def decode_public_key(message: stun.Message) -> PublicKey:
     if value is None or len(value) != KEY_LENGTH:
         raise ProtocolError(400, "missing or bad public key")
     return PublicKey(value)
+
+
+def timestamp(now: float) -> tuple[int, bytes]:
+    """
+    A TIMESTAMP attribute: C{now} (seconds) in microseconds.
+    """
+    return (Attr.TIMESTAMP, stun.encode_u64(int(now * 1_000_000)))
+
+
+def decode_timestamp(message: stun.Message) -> float:
+    """
+    The TIMESTAMP of C{message} in seconds, or L{ProtocolError} 400.
+    """
+    value = message.get(Attr.TIMESTAMP)
+    if value is None or len(value) != 8:
+        raise ProtocolError(400, "missing or bad timestamp")
+    return stun.decode_u64(value) / 1_000_000
 
 
 def error_attributes(code: int, reason: str | None = None) -> list[tuple[int, bytes]]:

@@ -1127,7 +1127,8 @@ def test_help_shows_every_option_and_its_default(daemon: str, cls: type) -> None
             continue
         assert re.search(rf"^ +(-\w, )?{s.option_name}=", text, re.MULTILINE), s.option_name
         if not s.required:
-            shown = f"{s.default:g}" if isinstance(s.default, float) else str(s.default or '""')
+            shown = f"{s.default:g}" if isinstance(s.default, float) else str(s.default)
+            shown = '""' if s.default in ("", None, ()) else shown
             assert f"{' '.join(s.help.split())} Default: {shown}" in flat, s.option_name
     if daemon == "punch-agent":
         assert "--allow-users=" in text and "--allow-groups=" in text
@@ -1241,6 +1242,7 @@ def test_twist_writes_punchd_json_lines(tmp_path: Path) -> None:
     config = _valid_rendezvous(tmp_path, port)
     out = tmp_path / "output"
     env = {k: v for k, v in os.environ.items() if k not in LOG_ENV}
+    env["PYTHONUNBUFFERED"] = "1"
     with out.open("wb") as output:
         process = subprocess.Popen(
             [*TWIST, "rendezvous", "--config", str(config), "--log-format", "json"],
@@ -1250,7 +1252,9 @@ def test_twist_writes_punchd_json_lines(tmp_path: Path) -> None:
             env=env,
         )
     try:
-        wait_for(lambda: _listening("rendezvous", config, port), 15, "the rendezvous to listen")
+        # Its port is bound before anything is logged: wait for the log line,
+        # so that the reactor (and its SIGTERM handler) is running.
+        wait_for(lambda: b"listening" in out.read_bytes(), 60, "the rendezvous to log")
     finally:
         process.terminate()
         process.wait(10)

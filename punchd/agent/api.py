@@ -95,3 +95,10 @@ class AgentCore(Protocol):
         the returned function is called.  Several listeners for one service
         take turns.
         """
+
+    def netcheck(self) -> Deferred[dict[str, Any]]:
+        """
+        A fresh look at what the network lets tunnels do (UDP, public
+        addresses, whether the NAT maps per destination, port mapping,
+        round trip), as L{punchd.agent.netcheck.NetReport.to_json}.
+        """

@@ -1,12 +1,16 @@
 """
 The agent's control socket: local programs ask for tunnels here.
 
-Newline-delimited JSON over a Unix stream socket (design.md §4).  Callers are
-checked with SO_PEERCRED against the configured users and groups.  A tunnel's
-descriptor travels by SCM_RIGHTS with the line that describes it; Twisted may
-attach it to an earlier buffered byte, never a later one, so clients keep the
-descriptors they receive in a FIFO and take one for each line that carries a
-C{tunnel}.
+Newline-delimited JSON over a Unix stream socket (docs/architecture.rst).
+Callers are checked with SO_PEERCRED against the configured users and groups.
+A tunnel's descriptor travels by SCM_RIGHTS with the line that describes it;
+Twisted may attach it to an earlier buffered byte, never a later one, so
+clients keep the descriptors they receive in a FIFO and take one for each line
+that carries a C{tunnel}.
+
+Local programs are trusted to use the agent, not to use it well: a program
+that never reads its replies, opens thousands of connections or leaves them
+idle costs the agent bounded memory and descriptors (L{ControlLimits}).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from typing import Any, Protocol, cast
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IAddress, IPullProducer
+from twisted.internet.interfaces import IAddress, IDelayedCall, IPullProducer, IReactorTime
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
@@ -35,7 +39,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from punchd.agent.api import AgentCore, HandOff, TunnelFailed
-from punchd.config import NAME_RE
+from punchd.wire import NAME_RE
 
 log = Logger()
 
@@ -60,8 +64,11 @@ class _UNIXTransport(Protocol):
     def loseConnection(self) -> None: ...
     def getHandle(self) -> socket.socket: ...
     def sendFileDescriptor(self, descriptor: int) -> None: ...
+    def abortConnection(self) -> None: ...
     def registerProducer(self, producer: object, streaming: bool) -> None: ...
     def unregisterProducer(self) -> None: ...
+    def pauseProducing(self) -> None: ...
+    def resumeProducing(self) -> None: ...
 
 
 class _Port(Protocol):
@@ -193,6 +200,9 @@ def _parse(line: bytes) -> tuple[RequestId, dict[str, Any]]:
     rid = request.get("id")
     if not (rid is None or isinstance(rid, str | int | float | bool)):
         raise BadRequest("id must be a string, number, boolean or null")
+    if isinstance(rid, float) and not math.isfinite(rid):
+        # 1e999 parses as infinity, which no reply could carry back.
+        raise BadRequest("id must be a finite number")
     return rid, request
 
 
@@ -219,40 +229,116 @@ def _timeout(request: dict[str, Any], default: float) -> float:
     return float(value)
 
 
+@dataclass(frozen=True)
+class ControlLimits:
+    """
+    What one local program may cost the agent.
+
+    The connection caps stay well under the agent unit's descriptor limit
+    (LimitNOFILE=16384), so that programs holding connections open can never
+    starve the tunnels of descriptors.
+    """
+
+    #: Control connections open at once, all users together.
+    max_connections: int = 1024
+    #: Control connections open at once for one uid.
+    max_per_user: int = 256
+    #: Seconds a connection may stay open with no request in flight and no listener.
+    idle_timeout: float = 60.0
+    #: Reply bytes a program may leave unread before the agent stops reading its requests.
+    max_unread: int = 1024 * 1024
+    #: Seconds a program may stay over C{max_unread}, or take to read its last
+    #: replies once the agent hangs up, before it is dropped.
+    stall_timeout: float = 10.0
+
+
 @implementer(IPullProducer)
-class _HandedOff:
+class _Output:
     """
-    Sockets whose descriptors are queued on a transport, kept open until sent.
+    What a program has not read yet, and the descriptors waiting to leave.
 
-    Twisted sends a queued descriptor with a byte of its write buffer and needs
-    it open until then.  So once the buffer has drained, every queued
-    descriptor has left: Twisted tells a registered pull producer so by calling
-    C{resumeProducing}, and the agent's copies are closed then.  If the
-    connection is lost first, C{stopProducing} closes them.
+    Registered with the transport as a pull producer for the whole
+    connection: Twisted calls C{resumeProducing} each time its write buffer
+    has drained, the only moment the agent knows what was read.  Then
+
+      - every queued descriptor has left (Twisted sends each with a byte of
+        the buffer), so the agent's copies are closed;
+      - the unread count starts again from zero: past C{max_unread} the
+        program stops being read (no new requests, no new replies), and if
+        it stays there for C{stall_timeout} it is dropped.
+
+    If the connection is lost first, C{stopProducing} closes the copies.
     """
 
-    def __init__(self, transport: _UNIXTransport) -> None:
+    def __init__(
+        self,
+        transport: _UNIXTransport,
+        clock: IReactorTime,
+        limits: ControlLimits,
+        pause: Callable[[], None],
+        resume: Callable[[], None],
+    ) -> None:
         self._transport = transport
+        self._clock = clock
+        self._limits = limits
+        self._pause = pause
+        self._resume = resume
         self._socks: list[socket.socket] = []
-        self._registering = False
+        self.unread = 0
+        self._stalled: IDelayedCall | None = None
+        self._closing = False
+        # A pull producer is asked for data at once: that call finds nothing to do.
+        transport.registerProducer(self, False)
 
-    def add(self, sock: socket.socket) -> None:
-        self._socks.append(sock)
-        if len(self._socks) == 1:
-            # registerProducer asks a pull producer for data at once, before
-            # anything has drained: that first call means nothing.
-            self._registering = True
-            try:
-                self._transport.registerProducer(self, False)
-            finally:
-                self._registering = False
+    def wrote(self, size: int, sock: socket.socket | None = None) -> None:
+        """
+        Count C{size} more bytes queued; keep C{sock} open until they have left.
+        """
+        if sock is not None:
+            self._socks.append(sock)
+        self.unread += size
+        if self.unread > self._limits.max_unread and self._stalled is None:
+            self._stalled = self._clock.callLater(self._limits.stall_timeout, self._drop)
+            self._pause()
+
+    def close(self) -> None:
+        """
+        Hang up once the program has read what was sent; drop it if it does not.
+        """
+        if self._closing:
+            return
+        self._closing = True
+        if self._stalled is None:
+            self._stalled = self._clock.callLater(self._limits.stall_timeout, self._drop)
+        self._transport.loseConnection()
 
     def resumeProducing(self) -> None:
-        if not self._registering:
+        self.unread = 0
+        self._close_socks()
+        if self._closing:
+            # Lets the transport finish the loseConnection it was waiting on.
             self._transport.unregisterProducer()
-            self.stopProducing()
+        elif self._stalled is not None:
+            self._stalled.cancel()
+            self._stalled = None
+            self._resume()
 
     def stopProducing(self) -> None:
+        self._close_socks()
+        if self._stalled is not None and self._stalled.active():
+            self._stalled.cancel()
+        self._stalled = None
+
+    def _drop(self) -> None:
+        self._stalled = None
+        log.info(
+            "control socket: dropping a program that left {unread} bytes unread for {seconds:g} s",
+            unread=self.unread,
+            seconds=self._limits.stall_timeout,
+        )
+        self._transport.abortConnection()
+
+    def _close_socks(self) -> None:
         socks, self._socks = self._socks, []
         for sock in socks:
             sock.close()
@@ -267,39 +353,42 @@ class ControlProtocol(LineReceiver):
     MAX_LENGTH = MAX_LINE
 
     def __init__(self, factory: ControlFactory) -> None:
+        self._factory = factory
         self._core = factory.core
         self._counters = factory.counters
-        self._authorizer = factory.authorizer
         self._connect_timeout = factory.connect_timeout
+        self._clock = factory.clock
+        self._limits = factory.limits
         self._active = False
         self._caller = PeerCredentials(0, -1, -1)
         self._pending: set[Deferred[Any]] = set()
         self._listeners: dict[RequestId, Callable[[], None]] = {}
-        self._handed_off: _HandedOff | None = None
+        self._output: _Output | None = None
+        self._idle: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
         self._caller = peer_credentials(self._transport().getHandle())
-        if not self._authorizer.allows(self._caller):
+        refusal = self._factory.refusal(self._caller)
+        if refusal is not None:
             self._counters["refused"] += 1
+            code, message = refusal
             log.info(
-                "control socket: refused pid {pid} uid {uid} gid {gid}",
+                "control socket: refused pid {pid} uid {uid} gid {gid}: {message}",
                 pid=self._caller.pid,
                 uid=self._caller.uid,
                 gid=self._caller.gid,
+                message=message,
             )
-            self._send(
-                _error(
-                    None,
-                    "unauthorized",
-                    f"uid {self._caller.uid} may not use this agent"
-                    " (allow_users / allow_groups in the agent's config)",
-                )
-            )
+            self._send(_error(None, code, message))
             self._transport().loseConnection()
             return
         self._active = True
         self._counters["accepted"] += 1
-        self._handed_off = _HandedOff(self._transport())
+        self._factory.opened(self._caller)
+        self._output = _Output(
+            self._transport(), self._clock, self._limits, self.pauseProducing, self.resumeProducing
+        )
+        self._touch()
         log.debug(
             "control socket: pid {pid} uid {uid} connected",
             pid=self._caller.pid,
@@ -307,9 +396,12 @@ class ControlProtocol(LineReceiver):
         )
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        if self._active:
-            self._counters["closed"] += 1
         self._active = False
+        self._touch()
+        if self._output is not None:
+            self._counters["closed"] += 1
+            self._factory.closed(self._caller)
+            self._output.stopProducing()
         listeners = list(self._listeners.values())
         self._listeners.clear()
         for unregister in listeners:
@@ -319,7 +411,7 @@ class ControlProtocol(LineReceiver):
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self._fail(None, "?", "bad-request", f"request line longer than {MAX_LINE} bytes")
-        self._transport().loseConnection()
+        self._close()
 
     def lineReceived(self, line: bytes) -> None:
         if not self._active or not line.strip():
@@ -345,6 +437,31 @@ class ControlProtocol(LineReceiver):
         except Exception:
             log.failure("control {op} id={rid!r} failed", op=op, rid=rid)
             self._fail(rid, op, "internal", "internal error in the agent")
+        self._touch()
+
+    def _touch(self) -> None:
+        """
+        Restart the idle clock: it runs only while nothing is in flight.
+        """
+        if self._idle is not None and self._idle.active():
+            self._idle.cancel()
+        self._idle = None
+        if self._active and not self._pending and not self._listeners:
+            self._idle = self._clock.callLater(self._limits.idle_timeout, self._idled)
+
+    def _idled(self) -> None:
+        self._idle = None
+        message = f"no request for {self._limits.idle_timeout:g} s: closing this connection"
+        self._fail(None, "?", "timeout", message)
+        self._close()
+
+    def _close(self) -> None:
+        self._active = False
+        self._touch()
+        if self._output is None:
+            self._transport().loseConnection()
+        else:
+            self._output.close()
 
     def _op_status(self, rid: RequestId, request: dict[str, Any]) -> None:
         self._send({"id": rid, "ok": True, "status": self._core.status()})
@@ -354,16 +471,36 @@ class ControlProtocol(LineReceiver):
         d.addCallback(lambda peers: self._send({"id": rid, "ok": True, "peers": peers}))
         d.addErrback(self._failed, rid, "peers")
 
+    def _op_netcheck(self, rid: RequestId, request: dict[str, Any]) -> None:
+        d = self._track(self._core.netcheck())
+        d.addCallback(lambda report: self._send({"id": rid, "ok": True, "netcheck": report}))
+        d.addErrback(self._failed, rid, "netcheck")
+
     def _op_connect(self, rid: RequestId, request: dict[str, Any]) -> None:
         peer = _name(request, "peer")
         service = _name(request, "service")
         timeout = _timeout(request, self._connect_timeout)
 
+        started: list[Deferred[HandOff]] = []
+        unsent: list[Exception] = []
+
         def progress(event: dict[str, Any]) -> None:
-            if self._active:
+            if not self._active or unsent:
+                return
+            try:
                 self._send({"id": rid, **{k: v for k, v in event.items() if k != "id"}})
+            except Exception as e:
+                # The program would wait for a tunnel it can no longer be told
+                # about: give the tunnel up rather than leave it half made.
+                log.failure("control connect id={rid!r}: progress line unsendable", rid=rid)
+                unsent.append(e)
+                for d in started:
+                    d.cancel()
 
         d = self._track(self._core.connect(peer, service, timeout, progress))
+        started.append(d)
+        if unsent:
+            d.cancel()
         d.addCallback(self._hand_off, {"id": rid, "ok": True})
         d.addErrback(self._failed, rid, "connect")
 
@@ -400,6 +537,7 @@ class ControlProtocol(LineReceiver):
         "connect": _op_connect,
         "listen": _op_listen,
         "unlisten": _op_unlisten,
+        "netcheck": _op_netcheck,
     }
 
     def _incoming(self, rid: RequestId, handoff: HandOff) -> None:
@@ -415,7 +553,7 @@ class ControlProtocol(LineReceiver):
         """
         Send C{message} with the tunnel's description and its descriptor.
         """
-        if not self._active or self._handed_off is None:
+        if not self._active or self._output is None:
             handoff.sock.close()
             return
         try:
@@ -425,7 +563,7 @@ class ControlProtocol(LineReceiver):
             raise
         self._transport().sendFileDescriptor(handoff.sock.fileno())
         self._transport().write(line)
-        self._handed_off.add(handoff.sock)
+        self._output.wrote(len(line), handoff.sock)
         log.debug("control id={rid!r}: tunnel handed off", rid=message["id"])
 
     def _track(self, d: Deferred[Any]) -> Deferred[Any]:
@@ -436,6 +574,7 @@ class ControlProtocol(LineReceiver):
 
         def done(result: object) -> object:
             self._pending.discard(d)
+            self._touch()
             return result
 
         return d.addBoth(done)
@@ -463,7 +602,10 @@ class ControlProtocol(LineReceiver):
         self._send(_error(rid, code, message))
 
     def _send(self, message: dict[str, Any]) -> None:
-        self._transport().write(_encode(message))
+        line = _encode(message)
+        self._transport().write(line)
+        if self._output is not None:
+            self._output.wrote(len(line))
 
     def _transport(self) -> _UNIXTransport:
         assert self.transport is not None
@@ -476,19 +618,65 @@ def _error(rid: RequestId, code: str, message: str) -> dict[str, Any]:
 
 class ControlFactory(Factory):
     """
-    Builds a L{ControlProtocol} per program, all sharing one agent core.
+    Builds a L{ControlProtocol} per program, all sharing one agent core, and
+    counts the connections against L{ControlLimits}.
     """
 
     noisy = False
 
     def __init__(
-        self, core: AgentCore, authorizer: Authorizer, *, connect_timeout: float = 10.0
+        self,
+        core: AgentCore,
+        authorizer: Authorizer,
+        *,
+        connect_timeout: float = 10.0,
+        clock: IReactorTime | None = None,
+        limits: ControlLimits = ControlLimits(),
     ) -> None:
+        if clock is None:
+            from twisted.internet import reactor
+
+            clock = cast(IReactorTime, reactor)
         self.core = core
         self.authorizer = authorizer
         self.connect_timeout = connect_timeout
         #: Connections (accepted, refused, closed) and requests (op-NAME), for metrics.
         self.counters: Counter[str] = Counter()
+        self.clock = clock
+        self.limits = limits
+        self.connections: Counter[int] = Counter()
+
+    def refusal(self, caller: PeerCredentials) -> tuple[str, str] | None:
+        """
+        Why C{caller} may not have one more connection: an error code and message.
+        """
+        if not self.authorizer.allows(caller):
+            return (
+                "unauthorized",
+                f"uid {caller.uid} may not use this agent"
+                " (allow_users / allow_groups in the agent's config)",
+            )
+        if self.connections.total() >= self.limits.max_connections:
+            return (
+                "busy",
+                f"the agent already serves {self.limits.max_connections} control connections,"
+                " its limit",
+            )
+        if self.connections[caller.uid] >= self.limits.max_per_user:
+            return (
+                "busy",
+                f"uid {caller.uid} already has {self.limits.max_per_user} control connections"
+                " open, the limit for one user",
+            )
+        return None
+
+    def opened(self, caller: PeerCredentials) -> None:
+        self.connections[caller.uid] += 1
+
+    def closed(self, caller: PeerCredentials) -> None:
+        self.connections[caller.uid] -= 1
+        if self.connections[caller.uid] <= 0:
+            del self.connections[caller.uid]
 
     def buildProtocol(self, addr: IAddress | None) -> ControlProtocol:
         return ControlProtocol(self)
@@ -539,7 +727,7 @@ class ControlService(Service):
     def __init__(self, reactor: _UNIXReactor, path: str, factory: ControlFactory) -> None:
         self._reactor = reactor
         self.path = path
-        self._factory = factory
+        self.factory = factory
         self._port: _Port | None = None
 
     def startService(self) -> None:
@@ -548,7 +736,7 @@ class ControlService(Service):
             # Twisted chmods before listen(): nobody can connect in between,
             # and the mode does not depend on the umask.
             self._port = self._reactor.listenUNIX(
-                self.path, self._factory, backlog=socket.SOMAXCONN, mode=SOCKET_MODE
+                self.path, self.factory, backlog=socket.SOMAXCONN, mode=SOCKET_MODE
             )
         except CannotListenError as e:
             raise ControlSocketError(f"cannot listen on {self.path}: {e.socketError}") from e

@@ -20,6 +20,8 @@ from twisted.python.failure import Failure
 from punchd import stun, wire
 from punchd.agent.api import HandOff, ProgressCallback, TunnelFailed
 from punchd.agent.candidates import host_addresses
+from punchd.agent.netcheck import NetChecker
+from punchd.agent.portmap import PortMapper
 from punchd.agent.puncher import Puncher
 from punchd.agent.registration import (
     Registered,
@@ -87,7 +89,9 @@ class Agent:
             settings.private_key, settings.rendezvous_public_key, settings.name
         )
         self.client = RendezvousClient(settings.name, key, reactor, self._incoming)
-        self.punch = Puncher(settings, reactor, self.client, key, addresses, sockets)
+        self.punch = Puncher(
+            settings, reactor, self.client, key, addresses, sockets, self._tunnel_mapper
+        )
         self.registration_core = RegistrationCore(
             clock=reactor,
             attempt=self._register_once,
@@ -97,6 +101,19 @@ class Agent:
         self.registration = build_registration_machine(self.registration_core)
         self.refusal = refusal_text(settings)
         self.tunnel_stats = TunnelStats()
+        # -- hard NATs: what the network allows, and the gateway's port mappings.
+        self.alternate_port = 0
+        self.port_mapper = PortMapper(reactor) if settings.port_mapping else None
+        self.netchecker = NetChecker(
+            reactor,
+            settings.name,
+            key,
+            resolve=self._resolve,
+            rendezvous_host=settings.rendezvous[0],
+            alternate_port=lambda: self.alternate_port,
+            mapper=self.port_mapper,
+            addresses=addresses,
+        )
         self._port: IListeningPort | None = None
         self.started_at = reactor.seconds()
 
@@ -108,6 +125,16 @@ class Agent:
         interface = "::" if ":" in self.settings.rendezvous[0] else ""
         self._port = self.reactor.listenUDP(0, self.client, interface=interface, maxPacketSize=2048)
         self.registration.start()
+
+    def _tunnel_mapper(self) -> PortMapper | None:
+        """
+        The port mapper for a new tunnel: only when the gateway offered a
+        protocol at the last netcheck, so that tunnels elsewhere never wait.
+        """
+        report = self.netchecker.last
+        if self.port_mapper is None or report is None or not report.port_mapping:
+            return None
+        return self.port_mapper
 
     def stop(self) -> Deferred[None]:
         """
@@ -154,6 +181,14 @@ class Agent:
             if value is None or lifetime is None or len(lifetime) != 4:
                 raise RendezvousError(500, "registration reply without mapped address")
             mapped = stun.decode_xor_address(value, message.transaction_id)
+            try:
+                self.punch.rendezvous_clock(wire.decode_timestamp(message))
+            except wire.ProtocolError:
+                log.warn("the rendezvous' reply carries no time: introductions will be refused")
+            self._heard_alternate_port(message)
+            old = self.registration_core.mapped
+            if mapped != old:
+                self.reactor.callLater(0, self.netchecker.moved, old, mapped)
             return (mapped, stun.decode_u32(lifetime))
 
         def explained(failure: Failure) -> Failure:
@@ -162,7 +197,15 @@ class Agent:
 
         return self._resolve().addCallback(resolved).addCallback(registered).addErrback(explained)
 
+    def _heard_alternate_port(self, message: stun.Message) -> None:
+        value = message.get(Attr.ALTERNATE_PORT)
+        port = stun.decode_u32(value) if value is not None and len(value) == 4 else 0
+        self.alternate_port = port if 0 < port < 65536 else 0
+
     # -- AgentCore ------------------------------------------------------
+
+    def netcheck(self) -> Deferred[dict[str, Any]]:
+        return self.netchecker.check().addCallback(lambda report: report.to_json())
 
     def status(self) -> dict[str, Any]:
         core = self.registration_core
@@ -180,6 +223,7 @@ class Agent:
             "listening": sorted(s for s, ls in self.punch.listeners.items() if ls),
             "tunnels": self.punch.counts(),
             "uptime": round(self.reactor.seconds() - self.started_at, 3),
+            "netcheck": self.netchecker.last.summary if self.netchecker.last else None,
         }
 
     def _refused(self) -> TunnelFailed | None:

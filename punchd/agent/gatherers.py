@@ -14,6 +14,7 @@ from typing import Protocol
 from punchd import stun
 from punchd.agent.tunnel_messages import mapped_address
 from punchd.gather import build_gather_request, parse_gather_answer
+from punchd.relay.messages import build_bind, parse_bind_answer
 from punchd.stun import MessageClass, Method
 from punchd.wire import Candidate, CandidateKind
 
@@ -54,6 +55,27 @@ class PlainBinding:
             return None
         mapped = mapped_address(answer)
         return None if mapped is None else Candidate(CandidateKind.SRFLX, *mapped)
+
+
+@dataclass(frozen=True)
+class RelayBinder:
+    """
+    Binds a tunnel socket to its relay port: the relay learns that socket's
+    NAT mapping and forwards only between the two bound sockets
+    (docs/relay.rst).  Signed with the agent's rendezvous key.
+    """
+
+    name: str
+    key: bytes
+
+    def bind(self, tunnel_id: bytes) -> tuple[bytes, bytes]:
+        return build_bind(self.name, self.key, tunnel_id)
+
+    def release(self, tunnel_id: bytes) -> bytes:
+        return build_bind(self.name, self.key, tunnel_id, release=True)[1]
+
+    def bound(self, answer: stun.Message) -> Address | None:
+        return parse_bind_answer(answer, self.key)
 
 
 @dataclass(frozen=True)

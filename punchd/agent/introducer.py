@@ -17,7 +17,7 @@ from punchd.agent.rendezvous_client import RendezvousClient
 from punchd.agent.roles import Introduced
 from punchd.keys import PublicKey
 from punchd.stun import Attr, Method
-from punchd.wire import Candidate
+from punchd.wire import Candidate, CandidateKind
 
 log = Logger()
 
@@ -34,6 +34,8 @@ class RendezvousIntroducer:
     service: str
     #: Ask the peer to hold its first checks until ours arrive.
     wait: bool
+    #: Ask the rendezvous for a relay as well.
+    relay: bool
     #: The key configured for the peer, which the rendezvous must vouch for.
     pinned: PublicKey | None
     #: Turns the rendezvous' failures into L{TunnelFailed}.
@@ -47,6 +49,7 @@ class RendezvousIntroducer:
                 (Attr.TUNNEL_ID, tunnel_id),
                 *wire.encode_candidates(candidates, transaction_id),
                 *([(Attr.WAIT, b"")] if self.wait else []),
+                *([(Attr.RELAY, b"")] if self.relay else []),
             ]
 
         d = self.client.request(Method.CONNECT, attributes)
@@ -69,6 +72,20 @@ class RendezvousIntroducer:
             raise TunnelFailed("unauthorized", f"{self.peer}'s key does not match the pinned key")
         try:
             candidates = wire.decode_candidates(message)
+            relay = relay_candidate(message, self.client.server)
         except wire.ProtocolError as e:
             raise TunnelFailed("internal", f"bad candidates from the rendezvous: {e}") from None
-        return candidates, key, nonce
+        return [*candidates, *relay], key, nonce
+
+
+def relay_candidate(message: stun.Message, rendezvous: tuple[str, int] | None) -> list[Candidate]:
+    """
+    The relay port the rendezvous allocated for our side, as a candidate:
+    the relay runs on the rendezvous' host.
+    """
+    value = message.get(Attr.RELAY_PORT)
+    if value is None or rendezvous is None:
+        return []
+    if len(value) != 4 or not 0 < stun.decode_u32(value) < 65536:
+        raise wire.ProtocolError(400, "bad relay port")
+    return [Candidate(CandidateKind.RELAY, rendezvous[0], stun.decode_u32(value))]

@@ -15,14 +15,16 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from punchd import stun, wire
 from punchd.agent.api import HandOff, ProgressCallback, TunnelFailed
-from punchd.agent.gatherers import SignedGather
-from punchd.agent.introducer import RendezvousIntroducer
+from punchd.agent.gatherers import RelayBinder, SignedGather
+from punchd.agent.introducer import RendezvousIntroducer, relay_candidate
+from punchd.agent.mappings import KeptMappings
+from punchd.agent.portmap import PortMapper
 from punchd.agent.rendezvous_client import IncomingAnswer, RendezvousClient
 from punchd.agent.roles import Initiator, Responder, Role
 from punchd.agent.tunnel import SocketFactory, Tunnel, new_tunnel_id
@@ -38,6 +40,9 @@ MAX_TUNNELS = 1024
 MAX_TUNNELS_PER_PEER = 512
 FIRST_ROUND = 1.5
 MIN_SECOND_ROUND = 1.0
+#: How far an Incoming's time may be from the rendezvous' (as we estimate
+#: it): well past its retransmissions, well short of a replay after a restart.
+FRESH_INTRODUCTION = 30.0
 
 #: Turns a failure from the rendezvous into a L{TunnelFailed} for the program.
 Explain = Callable[[Failure], Failure]
@@ -56,8 +61,12 @@ class Puncher:
         key: bytes,
         addresses: Callable[[], list[str]],
         sockets: SocketFactory | None = None,
+        port_mapper: Callable[[], PortMapper | None] = lambda: None,
     ) -> None:
         self.settings = settings
+        #: The gateway's port mapper, when it offers a protocol.
+        self._port_mapper = port_mapper
+        self.mappings = KeptMappings(reactor)
         self.reactor = reactor
         self.client = client
         self.name = settings.name
@@ -68,7 +77,10 @@ class Puncher:
         self.tunnels: dict[bytes, Tunnel] = {}
         self.listeners: dict[str, list[Callable[[HandOff], None]]] = {}
         self.established = 0
+        #: Of those established, how many go through the relay.
+        self.relayed = 0
         self.failed = 0
+        self._rendezvous_offset: float | None = None
 
     def _tunnel_socket(
         self,
@@ -78,12 +90,40 @@ class Puncher:
     ) -> TunnelSocket:
         return TunnelSocket(self.reactor, received, keep, family=family)
 
+    def rendezvous_clock(self, now: float) -> None:
+        """
+        The rendezvous' time, as its latest Register reply said: introductions
+        are checked against it, not against our own clock (which may be off).
+        """
+        self._rendezvous_offset = now - self.reactor.seconds()
+
+    def _fresh(self, sent_at: float) -> bool:
+        if self._rendezvous_offset is None:
+            return False
+        rendezvous_now: float = self.reactor.seconds() + self._rendezvous_offset
+        return abs(rendezvous_now - sent_at) <= FRESH_INTRODUCTION
+
     def counts(self) -> dict[str, int]:
         return {
             "in_progress": len(self.tunnels),
             "established": self.established,
+            "relayed": self.relayed,
             "failed": self.failed,
         }
+
+    def _settle_mapping(self, tunnel: Tunnel, result: object) -> None:
+        """
+        Keep the tunnel's port mapping while its path goes through it;
+        delete it at once otherwise.
+        """
+        mapping = tunnel.core.mapping
+        if mapping is None:
+            return
+        used = isinstance(result, HandOff) and result.info["candidates"]["local"] == "mapped"
+        if used:
+            self.mappings.keep(mapping)
+        else:
+            mapping.delete()
 
     def cancel_all(self) -> None:
         for tunnel in list(self.tunnels.values()):
@@ -98,9 +138,7 @@ class Puncher:
         explain: Explain,
     ) -> Deferred[HandOff]:
         if len(self.tunnels) >= MAX_TUNNELS:
-            d: Deferred[HandOff] = Deferred()
-            d.errback(TunnelFailed("busy", "too many tunnels being set up"))
-            return d
+            return fail(TunnelFailed("busy", "too many tunnels being set up"))
         return Deferred.fromCoroutine(self._punch(peer, service, timeout, progress, explain))
 
     async def _punch(
@@ -157,6 +195,8 @@ class Puncher:
             peer,
             service,
             wait=wait,
+            # Round two is the last: a relay too, in case nothing direct works.
+            relay=wait,
             pinned=self.settings.pinned_peers.get(peer),
             explain=explain,
         )
@@ -187,6 +227,8 @@ class Puncher:
             timeout=timeout,
             host_addresses=self._addresses(),
             gatherer=None if server is None else SignedGather(server, self.name, self.key),
+            relay_binder=RelayBinder(self.name, self.key),
+            port_mapper=self._port_mapper(),
             progress=progress,
             check_budget=budget,
         )
@@ -194,10 +236,12 @@ class Puncher:
 
         def done(result: object) -> object:
             self.tunnels.pop(tunnel_id, None)
+            self._settle_mapping(tunnel, result)
             if isinstance(result, Failure):
                 self.failed += 1
             else:
                 self.established += 1
+                self.relayed += isinstance(result, HandOff) and result.info["path"] == "relay"
             return result
 
         tunnel.result.addBoth(done)
@@ -221,7 +265,9 @@ class Puncher:
             service = wire.decode_name(message.get(Attr.SERVICE), "service")
             tunnel_id = wire.decode_tunnel_id(message)
             candidates = wire.decode_candidates(message)
+            candidates += relay_candidate(message, self.client.server)
             peer_key = wire.decode_public_key(message)
+            sent_at = wire.decode_timestamp(message)
         except wire.ProtocolError as e:
             return succeed((MessageClass.ERROR, wire.error_attributes(e.code, e.reason)))
 
@@ -234,6 +280,8 @@ class Puncher:
             )
             return succeed((MessageClass.ERROR, wire.error_attributes(code)))
 
+        if not self._fresh(sent_at):
+            return refuse(403, "the introduction is stale (a replay?)")
         if not self.listeners.get(service):
             return refuse(460, "nothing listens for it")
         pinned = self.settings.pinned_peers.get(peer)

@@ -60,7 +60,7 @@ class Role(Protocol):
         "How long to keep reading after a Confirm from the peer."
 
     def last_words(self, core: TunnelCore) -> None:
-        "Send what the peer must hear from us before our socket is the program's."
+        "The peer confirmed the chosen pair: tell it we are done with it."
 
     def ended(self, error: TunnelFailed) -> None:
         "The tunnel failed with C{error}."
@@ -133,10 +133,9 @@ class Responder:
         return LINGER_MIN if all_in else core.linger_time()
 
     def last_words(self, core: TunnelCore) -> None:
-        # The initiator lingers until it hears we are done answering its
-        # checks; it only lingers if it confirmed, so only then do we say so.
-        if core.confirmations:
-            core.send_confirm()
+        # The initiator lingers until it hears we answer none of its checks
+        # any more: the rest of our linger only eats its stragglers.
+        core.send_confirm()
 
     def ended(self, error: TunnelFailed) -> None:
         # Only a responder's introduction waits on its answer.

@@ -24,8 +24,9 @@ from twisted.python.failure import Failure
 from punchd import stun, wire
 from punchd.agent.api import HandOff, ProgressCallback, TunnelFailed
 from punchd.agent.checks import Checking, check
-from punchd.agent.gatherers import ReflexiveGatherer
+from punchd.agent.gatherers import ReflexiveGatherer, RelayBinder
 from punchd.agent.pairs import Address, Pair
+from punchd.agent.portmap import PortMapper
 from punchd.agent.roles import Introduced, Role
 from punchd.agent.tunnel_core import StateData, TunnelCore
 from punchd.agent.tunnel_socket import TunnelSocket
@@ -42,8 +43,10 @@ log = Logger()
 QUIET = 3.0
 EARLY_BUFFER = 16
 #: How long the initiator waits, at most, for the responder's last Confirm
-#: before handing off: past this, only a late answer could still come.
-FINAL_WORD_WAIT = 1.0
+#: before handing off.  It comes a round trip after ours unless all three
+#: copies are lost; waiting long is cheap then, and a busy responder may be
+#: slow to say it.
+FINAL_WORD_WAIT = 3.0
 
 #: Makes a tunnel's socket for an address family, given what to do with
 #: each datagram read and how to tell one to leave queued for the program.
@@ -58,8 +61,8 @@ class TunnelInputs(Protocol):
     Inputs of one tunnel's state machine.
     """
 
-    def gathered(self, srflx: Candidate | None) -> None:
-        "Our candidates are known."
+    def gathered(self, found: list[Candidate]) -> None:
+        "Our candidates beyond the host's are known (server-reflexive, mapped)."
 
     def introduced(self, remote: list[Candidate], peer_key: PublicKey, nonce: bytes) -> None:
         "We know the peer's candidates and key."
@@ -126,8 +129,8 @@ class Introducing(StateData):
 # -- entering a state: what each state starts, and owns ----------------------
 
 
-def introduce(m: TunnelInputs, core: TunnelCore, srflx: Candidate | None) -> Introducing:
-    core.srflx = srflx
+def introduce(m: TunnelInputs, core: TunnelCore, found: list[Candidate]) -> Introducing:
+    core.found = found
     data = core.enter(Introducing(core.timers()))
     data.request = core.role.introduce(m, core)
     if data.request is not None:
@@ -233,8 +236,14 @@ def build_tunnel_machine_factory() -> Callable[[TunnelCore], TunnelInputs]:
             return
         if pair.priority >= core.pairs.best_possible():
             m.graceIsOver()
-        elif data.grace is None:
-            data.grace = data.timers.later(core.grace(pair), m.graceIsOver)
+            return
+        # The first pair to answer sets the wait for a better one; a better
+        # pair answering during a long wait (the relay's) shortens it.
+        grace = core.grace(pair)
+        if data.grace is None or core.clock.seconds() + grace < data.grace.getTime():
+            if data.grace is not None:
+                data.grace.cancel()
+            data.grace = data.timers.later(grace, m.graceIsOver)
 
     @checking.upon(TunnelInputs.roundIsSpent).loop()
     def round_spent(m: TunnelInputs, core: TunnelCore, data: Checking) -> None:
@@ -261,6 +270,10 @@ def build_tunnel_machine_factory() -> Callable[[TunnelCore], TunnelInputs]:
             # Our answer to the nomination went out, the confirmation came
             # back: a round trip on this very path.
             core.rtt_samples.append(core.clock.seconds() - core.chosen_at)
+        # The initiator has chosen and confirmed: it needs no more answers
+        # from us, and waits for word that none will come.
+        core.done_answering = True
+        core.role.last_words(core)
         wait_for_stragglers(m, core)
 
     @lingering.upon(TunnelInputs.confirmed).loop()
@@ -371,6 +384,8 @@ class Tunnel:
         timeout: float,
         host_addresses: list[str],
         gatherer: ReflexiveGatherer | None = None,
+        relay_binder: RelayBinder | None = None,
+        port_mapper: PortMapper | None = None,
         progress: ProgressCallback = lambda event: None,
         check_budget: float | None = None,
     ) -> None:
@@ -389,6 +404,8 @@ class Tunnel:
             own_key=own_key,
             local_candidates=self._host_candidates(host_addresses),
             gatherer=gatherer,
+            relay_binder=relay_binder,
+            port_mapper=port_mapper,
             progress=progress,
             result=self.result,
             check_budget=check_budget,
@@ -490,7 +507,7 @@ class Tunnel:
             return False
         if message.cls in (MessageClass.SUCCESS, MessageClass.ERROR):
             tid = message.transaction_id
-            return tid == self.core.gather_id or tid in self.core.check_targets
+            return tid in self.core.server_requests or tid in self.core.check_targets
         signer = self.core.signer
         return signer is not None and signer.from_peer(message)
 
@@ -541,12 +558,11 @@ class Tunnel:
         core, tid = self.core, message.transaction_id
         if tid not in core.checks:
             return
-        if tid == core.gather_id:
-            # The rendezvous' answer: the only one not signed with the tunnel key.
-            gatherer = core.gatherer
-            if gatherer is not None and source == gatherer.server:
-                if message.method == Method.BINDING:
-                    core.checks.answer(tid, (message, source))
+        server = core.server_requests.get(tid)
+        if server is not None:
+            # The rendezvous' or the relay's: its parser checks its signature.
+            if source == server:
+                core.checks.answer(tid, (message, source))
             return
         pair = core.check_targets.get(tid)
         signer = core.signer
@@ -558,6 +574,8 @@ class Tunnel:
         core = self.core
         assert core.signer is not None
         known = core.pairs.get(local, source) is not None
+        if core.done_answering:
+            return
         pair = core.pairs.learn(local, source)
         if pair is None:
             return

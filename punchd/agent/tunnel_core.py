@@ -15,19 +15,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from punchd import stun
 from punchd.agent.api import HandOff, ProgressCallback, TunnelFailed
-from punchd.agent.gatherers import ReflexiveGatherer
+from punchd.agent.gatherers import ReflexiveGatherer, RelayBinder
 from punchd.agent.pairs import Address, Pair, Pairs
+from punchd.agent.portmap import Mapping, PortMapper
 from punchd.agent.tunnel_messages import TunnelSigner, mapped_address
 from punchd.keys import PrivateKey, PublicKey
 from punchd.retransmit import Backoff, RequestTimedOut, Transactions
-from punchd.wire import MAX_CANDIDATES, Candidate, format_address
+from punchd.wire import MAX_CANDIDATES, Candidate, CandidateKind, format_address
 
 if TYPE_CHECKING:
     from punchd.agent.roles import Role
@@ -38,6 +39,9 @@ S = TypeVar("S", bound="StateData")
 
 PACING = 0.02
 GATHER_BACKOFF = Backoff(initial=0.1, maximum=0.4, attempts=5)
+RELAY_BIND_BACKOFF = Backoff(initial=0.1, maximum=0.5, attempts=12)
+#: Seconds a port mapping is asked for; renewed while a tunnel uses it.
+MAPPING_LIFETIME = 120
 CHECK_BACKOFF = Backoff(initial=0.1, maximum=0.5, attempts=40)
 NOMINATE_BACKOFF = Backoff(initial=0.1, maximum=0.4, attempts=16)
 GRACE = 0.05
@@ -131,6 +135,8 @@ class TunnelCore:
     own_key: PrivateKey
     local_candidates: list[Candidate]
     gatherer: ReflexiveGatherer | None
+    relay_binder: RelayBinder | None
+    port_mapper: PortMapper | None
     progress: ProgressCallback
     result: Deferred[HandOff]
     #: How long round one may probe before giving up when nothing got through.
@@ -138,17 +144,24 @@ class TunnelCore:
     started_at: float = 0.0
     pairs: Pairs = field(default_factory=Pairs)
     signer: TunnelSigner | None = None
-    srflx: Candidate | None = None
+    #: What the gatherers found: server-reflexive, port-mapped.
+    found: list[Candidate] = field(default_factory=list)
+    #: The gateway's mapping of our socket, while we hold one.
+    mapping: Mapping | None = None
     #: The pair being nominated or handed off, and since when.
     chosen: Pair | None = None
     chosen_at: float = 0.0
     #: Why the chosen pair's socket could not be connected, if it could not.
     connect_error: OSError | None = None
-    gather_id: bytes | None = None
+    #: Requests to servers (the rendezvous, the relay) in flight, and where
+    #: each went: only an answer from there counts.
+    server_requests: dict[bytes, Address] = field(default_factory=dict)
     rendezvous_rtt: float | None = None
     confirmations: set[bytes] = field(default_factory=set)
     rtt_samples: list[float] = field(default_factory=list)
     peer_gave_up: bool = False
+    #: We said our last words: no more answers to the peer's checks.
+    done_answering: bool = False
     deadline: IDelayedCall | None = None
     state: StateData | None = None
     checks: Transactions[tuple[stun.Message, Address]] = field(init=False)
@@ -193,14 +206,55 @@ class TunnelCore:
 
     def candidates(self) -> list[Candidate]:
         result = list(self.local_candidates)
-        if self.srflx is not None and self.srflx.address not in {c.address for c in result}:
-            result.append(self.srflx)
+        for candidate in self.found:
+            if candidate.address not in {c.address for c in result}:
+                result.append(candidate)
         return result[:MAX_CANDIDATES]
 
     def add_remotes(self, candidates: list[Candidate]) -> None:
         for candidate in candidates:
             local = self.io.local_for(candidate.host)
-            self.pairs.add(1 if local is None else local, candidate)
+            pair = self.pairs.add(1 if local is None else local, candidate)
+            if candidate.kind == CandidateKind.RELAY and local is not None:
+                self.bind_relay(pair)
+
+    def bind_relay(self, pair: Pair) -> None:
+        """
+        Bind our socket to our relay port, so that checks (and then the
+        program's datagrams) can cross the relay.
+        """
+        binder = self.relay_binder
+        if binder is None:
+            return
+        transaction_id, request = binder.bind(self.tunnel_id)
+        self.server_requests[transaction_id] = pair.address
+
+        def bound(answer: tuple[stun.Message, Address]) -> None:
+            log.debug(
+                "tunnel {id}: bound at the relay {relay} as {mapped}",
+                id=self.id_hex[:12],
+                relay=format_address(pair.address),
+                mapped=binder.bound(answer[0]),
+            )
+
+        def send() -> None:
+            self.io.send(pair.local, request, pair.address)
+
+        self.checks.start(transaction_id, send, RELAY_BIND_BACKOFF).addCallbacks(
+            bound, lambda f: None
+        )
+
+    def release_relay(self) -> None:
+        """
+        Free a relay allocation we are not going to use, at once.
+        """
+        binder = self.relay_binder
+        if binder is None:
+            return
+        for pair in self.pairs:
+            if pair.remote.kind == CandidateKind.RELAY and pair is not self.chosen:
+                for _ in range(ABANDON_COPIES):
+                    self.io.send(pair.local, binder.release(self.tunnel_id), pair.address)
 
     def learn_key(self, peer_key: PublicKey, nonce: bytes) -> None:
         self.signer = TunnelSigner.derive(
@@ -210,16 +264,42 @@ class TunnelCore:
 
     def gather(self, m: TunnelInputs) -> None:
         """
-        Learn our server-reflexive address from the rendezvous, as seen
-        from this very socket.
+        Ask the rendezvous (our server-reflexive address) and the gateway
+        (a port mapping) at once; go on when both have answered.
         """
+        found = [self._reflexive(), self._port_mapping()]
+        DeferredList(found, consumeErrors=True).addCallback(
+            lambda results: m.gathered([c for ok, c in results if ok and c is not None])
+        )
+
+    def _port_mapping(self) -> Deferred[Candidate | None]:
+        mapper = self.port_mapper
+        if mapper is None:
+            return succeed(None)
+
+        def mapped(mapping: Mapping | None) -> Candidate | None:
+            if mapping is None:
+                return None
+            if self.result.called:  # over before the gateway answered
+                mapping.delete()
+                return None
+            self.mapping = mapping
+            return Candidate(CandidateKind.MAPPED, *mapping.external)
+
+        return mapper.map(self.io.local_address(0)[1], MAPPING_LIFETIME).addCallback(mapped)
+
+    def _reflexive(self) -> Deferred[Candidate | None]:
+        """
+        Our address as the rendezvous sees this very socket.
+        """
+        found: Deferred[Candidate | None] = Deferred()
         gatherer = self.gatherer
         local = None if gatherer is None else self.io.local_for(gatherer.server[0])
         if gatherer is None or local is None:
-            m.gathered(None)
-            return
+            found.callback(None)
+            return found
         transaction_id, request = gatherer.request()
-        self.gather_id = transaction_id
+        self.server_requests[transaction_id] = gatherer.server
         sent_at = [self.clock.seconds()]
 
         def send() -> None:
@@ -228,16 +308,17 @@ class TunnelCore:
 
         def mapped(answer: tuple[stun.Message, Address]) -> None:
             self.rendezvous_rtt = self.clock.seconds() - sent_at[0]
-            m.gathered(gatherer.candidate(answer[0]))
+            found.callback(gatherer.candidate(answer[0]))
 
         def unmapped(failure: Failure) -> None:
             if failure.check(RequestTimedOut):
                 log.info(
                     "tunnel {id}: no server-reflexive address (rendezvous silent)", id=self.id_hex
                 )
-                m.gathered(None)
+                found.callback(None)
 
         self.checks.start(transaction_id, send, GATHER_BACKOFF).addCallbacks(mapped, unmapped)
+        return found
 
     # -- timing --------------------------------------------------------------
 
@@ -257,6 +338,9 @@ class TunnelCore:
         checks left together, so a better path answers within about one more
         round trip of this one, or not at all.
         """
+        patience = pair.remote.kind.patience
+        if patience is not None:
+            return patience
         return min(GRACE, max(GRACE_MIN, 2 * (pair.rtt or 0.0)))
 
     def linger_time(self) -> float:
@@ -309,7 +393,7 @@ class TunnelCore:
         pair = self.chosen
         assert pair is not None
         self.end()
-        self.role.last_words(self)
+        self.release_relay()
         try:
             if self.connect_error is not None:
                 raise self.connect_error
@@ -320,15 +404,17 @@ class TunnelCore:
             return
         info = self.describe(pair)
         log.info(
-            "tunnel {id} to {peer} for {service}: direct via {remote} "
-            "({local_kind} -> {remote_kind}) in {setup_ms} ms",
+            "tunnel {id} to {peer} for {service}: {path} via {remote} "
+            "({local_kind} -> {remote_kind}) in {setup_ms} ms{why}",
             id=self.id_hex[:12],
             peer=self.peer,
             service=self.service,
+            path=info["path"],
             remote=info["remote"],
             local_kind=info["candidates"]["local"],
             remote_kind=info["candidates"]["remote"],
             setup_ms=info["setup_ms"],
+            why=f"; {self.why_relayed()}" if info["path"] == "relay" else "",
         )
         self.result.callback(HandOff(sock, info))
 
@@ -337,6 +423,7 @@ class TunnelCore:
         The tunnel as its program sees it.
         """
         local = pair.mapped or self.io.local_address(pair.local)
+        relayed = pair.remote.kind == CandidateKind.RELAY
         return {
             "id": self.id_hex,
             "peer": self.peer,
@@ -344,24 +431,34 @@ class TunnelCore:
             "role": self.role.name,
             "local": format_address(local),
             "remote": format_address(pair.address),
-            "path": "direct",
-            "candidates": {"local": self.local_kind(pair), "remote": pair.remote.kind.label},
+            "path": "relay" if relayed else "direct",
+            **({"relay": format_address(pair.address)} if relayed else {}),
+            "candidates": {
+                "local": "relay" if relayed else self.local_kind(pair),
+                "remote": pair.remote.kind.label,
+            },
             "rtt_ms": round((pair.rtt or 0.0) * 1000, 3),
             "setup_ms": round((self.clock.seconds() - self.started_at) * 1000, 3),
         }
 
+    def why_relayed(self) -> str:
+        direct = [p.describe() for p in self.pairs if p.remote.kind != CandidateKind.RELAY]
+        return "no direct pair answered: " + ("; ".join(direct) or "the peer offered none")
+
     def local_kind(self, pair: Pair) -> str:
         if pair.mapped is None:
-            return "srflx" if self.srflx is not None else "host"
+            return self.found[0].kind.label if self.found else "host"
         if pair.mapped in {c.address for c in self.local_candidates}:
             return "host"
-        if self.srflx is not None and pair.mapped == self.srflx.address:
-            return "srflx"
+        for candidate in self.found:
+            if pair.mapped == candidate.address:
+                return candidate.kind.label
         return "prflx"
 
     def fail(self, error: TunnelFailed) -> None:
         self.end()
         self.send_abandon()
+        self.release_relay()
         self.io.close()
         log.info(
             "tunnel {id} to {peer} for {service} failed after {ms} ms: {code}: {message}",

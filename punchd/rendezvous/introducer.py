@@ -14,6 +14,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from punchd import stun, wire
+from punchd.relay import RelayRefused, RelayService
 from punchd.rendezvous.answers import RecentAnswers
 from punchd.rendezvous.auth import AgentRequest, Directory
 from punchd.rendezvous.introductions import Introduction, Introductions
@@ -44,8 +45,10 @@ class Introducer:
         counters: Counters,
         send: Callable[[bytes, Address], None],
         clock: IReactorTime,
+        relay: RelayService | None = None,
     ) -> None:
         self._clock = clock
+        self._relay = relay
         self._directory = directory
         self._registry = registry
         self._introductions = introductions
@@ -85,6 +88,9 @@ class Introducer:
         introduction = Introduction(
             request.name, request.source, request.transaction_id, target, request.key
         )
+        introduction.tunnel_id = tunnel_id
+        if message.has(Attr.RELAY):
+            introduction.relay_ports = self._allocate(tunnel_id, request.name, target)
         incoming_id = introduction.incoming_id
         forwarded = wire.signed(
             Method.INCOMING,
@@ -97,6 +103,8 @@ class Introducer:
                 (Attr.PUBLIC_KEY, request.entry.public_key.raw),
                 *wire.encode_candidates(candidates, incoming_id),
                 *([(Attr.WAIT, b"")] if message.has(Attr.WAIT) else []),
+                *_relay_port(introduction, 1),
+                wire.timestamp(now),
             ],
             target_key,
         )
@@ -148,9 +156,30 @@ class Introducer:
             return
         self._introductions.answer(message.transaction_id, message)
 
+    def _allocate(self, tunnel_id: bytes, initiator: str, target: str) -> tuple[int, int] | None:
+        """
+        Two relay ports for this tunnel, in case no direct pair works; None
+        when there is no relay or it refuses (the tunnel may still go direct).
+        """
+        if self._relay is None:
+            return None
+        try:
+            return self._relay.allocate(tunnel_id, initiator, target)
+        except RelayRefused as e:
+            self._counters["relay-refused"] += 1
+            log.info(
+                "no relay for {initiator} -> {target}: {reason}",
+                initiator=initiator,
+                target=target,
+                reason=e.reason,
+            )
+            return None
+
     def _finish(
         self, introduction: Introduction, cls: MessageClass, attributes: Attributes
     ) -> None:
+        if cls != MessageClass.SUCCESS and introduction.relay_ports and self._relay is not None:
+            self._relay.release(introduction.tunnel_id)
         answer = wire.signed(
             Method.CONNECT, cls, introduction.connect_id, attributes, introduction.key
         )
@@ -189,6 +218,7 @@ class Introducer:
                 (Attr.PUBLIC_KEY, target_entry.public_key.raw),
                 (Attr.TUNNEL_NONCE, nonce),
                 *wire.encode_candidates(candidates, introduction.connect_id),
+                *_relay_port(introduction, 0),
             ],
         )
 
@@ -208,3 +238,12 @@ class Introducer:
             return f"{target}'s agent went offline"
         silent = round(now - registration.refreshed)
         return f"{target}'s agent has not been heard from for {silent} s"
+
+
+def _relay_port(introduction: Introduction, side: int) -> list[tuple[int, bytes]]:
+    """
+    The RELAY-PORT attribute for one side (0: the initiator, 1: the target).
+    """
+    if introduction.relay_ports is None:
+        return []
+    return [(Attr.RELAY_PORT, stun.encode_u32(introduction.relay_ports[side]))]

@@ -42,6 +42,9 @@ class Introduction:
     key: bytes = field(repr=False)
     started: float = 0.0
     incoming_id: bytes = field(default_factory=stun.new_transaction_id)
+    tunnel_id: bytes = b""
+    #: The relay ports allocated with it: (initiator's, target's).
+    relay_ports: tuple[int, int] | None = None
 
 
 class Introductions:

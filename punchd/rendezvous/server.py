@@ -16,6 +16,7 @@ larger than the request.
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
@@ -23,6 +24,7 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
 from punchd import stun, wire
+from punchd.relay import RelayService
 from punchd.rendezvous.answers import RecentAnswers
 from punchd.rendezvous.auth import AgentRequest, Directory, Gate
 from punchd.rendezvous.gathering import GATHER_BURST, GATHER_RATE, Gathers, looks_signed
@@ -32,7 +34,7 @@ from punchd.rendezvous.limits import Counters, SourceLimiter
 from punchd.rendezvous.registry import IRegistry
 from punchd.stun import Attr, MessageClass, Method
 
-__all__ = ["Directory", "RendezvousProtocol"]
+__all__ = ["AlternatePort", "Directory", "RendezvousProtocol"]
 
 log = Logger()
 
@@ -65,8 +67,12 @@ class RendezvousProtocol(DatagramProtocol):
         gather_limiter: SourceLimiter | None = None,
         max_pending: int = 256,
         max_lifetime: int = 600,
+        relay: RelayService | None = None,
+        alternate_port: int = 0,
     ) -> None:
+        self.relay = relay
         self.registry = registry
+        self.alternate_port = alternate_port
         self.clock = clock
         self.counters = Counters()
         self.answers = RecentAnswers(clock)
@@ -84,6 +90,7 @@ class RendezvousProtocol(DatagramProtocol):
         )
         if gather_limiter is None:
             gather_limiter = SourceLimiter(GATHER_RATE, GATHER_BURST, clock.seconds)
+        self.gather_limiter = gather_limiter
         self._gathers = Gathers(
             lambda: self._gate.directory, gather_limiter, self.counters, self._send
         )
@@ -95,6 +102,7 @@ class RendezvousProtocol(DatagramProtocol):
             self.counters,
             self._send,
             clock,
+            relay,
         )
 
     @property
@@ -126,9 +134,16 @@ class RendezvousProtocol(DatagramProtocol):
         else:
             self.counters["dropped-unexpected"] += 1
 
-    def _binding(self, datagram: bytes, source: tuple[str, int]) -> None:
+    def _binding(
+        self,
+        datagram: bytes,
+        source: tuple[str, int],
+        gathers: Gathers | None = None,
+        send: Callable[[bytes, tuple[str, int]], None] | None = None,
+    ) -> None:
+        gathers = gathers or self._gathers
         # An agent's signed gather is not charged to its IP's anonymous budget.
-        if looks_signed(datagram) and self._gathers.handle(datagram, source):
+        if looks_signed(datagram) and gathers.handle(datagram, source):
             return
         if not self._binding_limiter.allow(source[0]):
             self.counters["binding-rate-limited"] += 1
@@ -143,7 +158,7 @@ class RendezvousProtocol(DatagramProtocol):
             self.counters["dropped-reply-larger-than-request"] += 1
             return
         self.counters["binding"] += 1
-        self._send(response, source)
+        (send or self._send)(response, source)
 
     def stopProtocol(self) -> None:
         self._socket = None
@@ -220,6 +235,9 @@ class RendezvousProtocol(DatagramProtocol):
             Attr.XOR_MAPPED_ADDRESS,
             stun.encode_xor_address(*source, request.transaction_id),
         )
+        extra = []
+        if self.alternate_port:
+            extra.append((Attr.ALTERNATE_PORT, stun.encode_u32(self.alternate_port)))
         if lifetime == 0:
             # The agent is stopping: its peers should see it offline now,
             # not when the registration would have run out.
@@ -248,7 +266,7 @@ class RendezvousProtocol(DatagramProtocol):
             )
         self.counters["keepalive"] += 1
         self._introducer.heard_from(name)
-        return [mapped, (Attr.LIFETIME, stun.encode_u32(lifetime))]
+        return [mapped, (Attr.LIFETIME, stun.encode_u32(lifetime)), wire.timestamp(now), *extra]
 
     def _peers(self, request: AgentRequest, now: float) -> list[tuple[int, bytes]]:
         after_value = request.message.get(Attr.PEER)
@@ -304,3 +322,37 @@ class RendezvousProtocol(DatagramProtocol):
 
     def pending_for(self, name: str) -> int:
         return self.introductions.pending_for(name)
+
+
+class AlternatePort(DatagramProtocol):
+    """
+    The second Binding port: answers what the main port answers to Binding
+    (anonymous and signed gathers alike), charged to the same per-IP and
+    per-agent budgets, and nothing else.  An agent compares the address each
+    port sees to learn whether its NAT's mapping varies by destination.
+    """
+
+    noisy = False
+
+    def __init__(self, main: RendezvousProtocol) -> None:
+        self._main = main
+        self._gathers = Gathers(
+            lambda: main.directory, main.gather_limiter, main.counters, self._send
+        )
+
+    def datagramReceived(self, datagram: bytes, addr: tuple[str, int]) -> None:  # type: ignore[override]
+        if datagram[:2] != b"\x00\x01":
+            self._main.counters["dropped-alternate-not-binding"] += 1
+            return
+        try:
+            self._main._binding(datagram, (addr[0], addr[1]), self._gathers, self._send)
+        except Exception:
+            self._main.counters["internal-error"] += 1
+            log.failure("unexpected error handling a datagram from {source}", source=addr[0])
+
+    def _send(self, data: bytes, address: tuple[str, int]) -> None:
+        try:
+            if self.transport is not None:
+                self.transport.write(data, address)
+        except OSError as e:
+            self._main.counters[f"send-error-{e.errno}"] += 1

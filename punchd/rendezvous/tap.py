@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import signal
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application import internet, service
 from twisted.internet.interfaces import IListeningPort, IReactorTime
+from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -18,13 +20,15 @@ from punchd.config import (
     RendezvousConfig,
     load_peers,
     load_rendezvous_config,
+    port_range,
     refuse_to_start,
 )
 from punchd.launch import DaemonService, configure, option_parameters
 from punchd.metrics import FunctionCollector, metrics_service, rendezvous_metrics
+from punchd.relay import RelayService
 from punchd.rendezvous.limits import SourceLimiter
 from punchd.rendezvous.registry import MemoryRegistry
-from punchd.rendezvous.server import Directory, RendezvousProtocol
+from punchd.rendezvous.server import AlternatePort, Directory, RendezvousProtocol
 
 log = Logger()
 
@@ -71,7 +75,7 @@ class UDPService(service.Service):
     the daemon with one line before twistd writes a pid file or logs.
     """
 
-    def __init__(self, sock: socket.socket, protocol: RendezvousProtocol, reactor: Any) -> None:
+    def __init__(self, sock: socket.socket, protocol: DatagramProtocol, reactor: Any) -> None:
         self._socket = sock
         self._protocol = protocol
         self._reactor = reactor
@@ -92,7 +96,8 @@ class UDPService(service.Service):
 
 class RendezvousService(DaemonService):
     """
-    The UDP server, its housekeeping timer, and peers-file reload on SIGHUP.
+    The UDP server, its housekeeping timer, the relay (a child service,
+    also C{protocol.relay}, when on) and peers-file reload on SIGHUP.
     """
 
     def __init__(
@@ -102,12 +107,18 @@ class RendezvousService(DaemonService):
         reactor: Any,
         sock: socket.socket,
         launcher: Any = None,
+        alternate: socket.socket | None = None,
     ) -> None:
         super().__init__(settings.log_format, PROGRAM, launcher)
         self.settings = settings
         self.protocol = protocol
+        self.relay = protocol.relay
         self._reactor = reactor
         UDPService(sock, protocol, reactor).setServiceParent(self)
+        if self.relay is not None:
+            self.relay.setServiceParent(self)
+        if alternate is not None:
+            UDPService(alternate, AlternatePort(protocol), reactor).setServiceParent(self)
         internet.TimerService(5.0, protocol.expire).setServiceParent(self)
 
     def startService(self) -> None:
@@ -119,6 +130,8 @@ class RendezvousService(DaemonService):
             port=self.settings.port,
             count=len(self.settings.peers),
         )
+        if self.settings.alternate_port:
+            log.info("alternate Binding port {port}", port=self.settings.alternate_port)
 
     def stopService(self) -> Any:
         self.protocol.stop()
@@ -137,23 +150,40 @@ class RendezvousService(DaemonService):
         self.protocol.reload(Directory(self.settings.private_key, peers))
 
 
+def make_relay(
+    settings: RendezvousConfig, reactor: Any, keys: Callable[[str], bytes | None]
+) -> RelayService | None:
+    """
+    The relay the settings ask for, on the rendezvous's interface, or None.
+    """
+    if not settings.relay:
+        return None
+    return RelayService(
+        keys,
+        clock=reactor,
+        interface=settings.interface,
+        ports=port_range(settings.relay_ports),
+        idle_timeout=settings.relay_idle_timeout,
+        max_per_agent=settings.relay_max_per_agent,
+        rate=settings.relay_rate,
+    )
+
+
 def makeService(config: Options, reactor: Any = None) -> service.IService:
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
     settings: RendezvousConfig = config["settings"]
-    try:
-        sock = bind_udp(settings.interface, settings.port)
-    except OSError as e:
-        where = f"[{settings.interface}]" if ":" in settings.interface else settings.interface
-        refuse_to_start(
-            PROGRAM, f"cannot listen on UDP {where or '*'}:{settings.port}: {e.strerror}"
-        )
+    sock = _bind_or_refuse(settings.interface, settings.port)
+    alternate = None
+    if settings.alternate_port:
+        alternate = _bind_or_refuse(settings.interface, settings.alternate_port)
     # Until startService installs the reload handler, a SIGHUP must not kill us.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     clock: IReactorTime = reactor
     burst = settings.binding_rate * 2
+    relay = make_relay(settings, reactor, lambda name: protocol.directory.key_for(name))
     protocol = RendezvousProtocol(
         Directory(settings.private_key, settings.peers),
         MemoryRegistry(),
@@ -162,10 +192,22 @@ def makeService(config: Options, reactor: Any = None) -> service.IService:
         error_limiter=SourceLimiter(5.0, 10.0, clock.seconds),
         max_pending=settings.max_pending,
         max_lifetime=settings.registration_lifetime,
+        relay=relay,
+        alternate_port=settings.alternate_port,
     )
-    parent = RendezvousService(settings, protocol, reactor, sock, getattr(config, "parent", None))
+    parent = RendezvousService(
+        settings, protocol, reactor, sock, getattr(config, "parent", None), alternate
+    )
     collector = FunctionCollector(lambda: rendezvous_metrics(protocol))
     metrics = metrics_service(settings.metrics, PROGRAM, collector, reactor)
     if metrics is not None:
         metrics.setServiceParent(parent)
     return parent
+
+
+def _bind_or_refuse(interface: str, port: int) -> socket.socket:
+    try:
+        return bind_udp(interface, port)
+    except OSError as e:
+        where = f"[{interface}]" if ":" in interface else interface
+        refuse_to_start(PROGRAM, f"cannot listen on UDP {where or '*'}:{port}: {e.strerror}")

@@ -25,7 +25,7 @@ from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
 from punchd.agent.api import ERROR_CODES, HandOff, ProgressCallback, TunnelFailed
-from punchd.agent.control import Authorizer, ControlFactory, ControlService
+from punchd.agent.control import Authorizer, ControlFactory, ControlLimits, ControlService
 
 T = TypeVar("T")
 
@@ -180,8 +180,15 @@ def serve(
     path: str,
     authorizer: Authorizer | None = None,
     connect_timeout: float = 10.0,
+    limits: ControlLimits | None = None,
 ) -> ControlService:
-    factory = ControlFactory(core, authorizer or Authorizer(), connect_timeout=connect_timeout)
+    factory = ControlFactory(
+        core,
+        authorizer or Authorizer(),
+        connect_timeout=connect_timeout,
+        clock=reactor,
+        limits=limits or ControlLimits(),
+    )
     service = ControlService(reactor, path, factory)
     service.startService()
     return service

@@ -13,6 +13,7 @@ import random
 import re
 import socket
 import stat
+import time
 from typing import Any
 
 import pytest
@@ -22,10 +23,18 @@ from twisted.internet.defer import gatherResults, maybeDeferred
 from twisted.internet.task import deferLater
 
 from punchd import client
-from punchd.agent.control import Authorizer, ControlSocketError, PeerCredentials
+from punchd.agent.control import (
+    Authorizer,
+    ControlLimits,
+    ControlProtocol,
+    ControlService,
+    ControlSocketError,
+    PeerCredentials,
+)
 from punchd.client import Tunnel, TunnelError
 from tests.agent import (  # noqa: F401 (the *_fixture names register fixtures)
     FakeCore,
+    Held,
     RawConnection,
     agent_socket_fixture,
     core_fixture,
@@ -436,7 +445,9 @@ async def test_a_descriptor_stays_open_until_it_has_left(core: FakeCore, agent_s
     core.status_value = {"blob": "x" * 50_000}
     channel = client._Channel(agent_socket)
     try:
-        for _ in range(40):  # 2 MB of replies nobody reads yet
+        # 750 kB of replies nobody reads yet: under the unread limit, so the
+        # agent still reads the connect, and its descriptor queues behind them.
+        for _ in range(15):
             channel.request("status")
         rid = channel.request("connect", peer="bob", service="chat")
         await wait_until(lambda: core.agent_ends)
@@ -647,3 +658,249 @@ async def test_a_real_other_user(
     else:
         assert reply["error"]["code"] == "unauthorized"
         assert "65534" in reply["error"]["message"]
+
+
+# -- what one program may cost the agent (limits) ---------------------------
+
+
+def limited(core: FakeCore, sockdir: str, **limits: Any) -> ControlService:
+    return serve(core, os.path.join(sockdir, "agent.sock"), limits=ControlLimits(**limits))
+
+
+def buffered(protocol: ControlProtocol) -> int:
+    """
+    Bytes in the agent's user-space write buffer for one connection.
+    """
+    t: Any = protocol.transport
+    return len(t.dataBuffer) - t.offset + t._tempDataLen
+
+
+def record_protocols(service: ControlService) -> list[ControlProtocol]:
+    built: list[ControlProtocol] = []
+    build = service.factory.buildProtocol
+
+    def recording(addr: Any) -> ControlProtocol:
+        protocol = build(addr)
+        built.append(protocol)
+        return protocol
+
+    service.factory.buildProtocol = recording  # type: ignore[method-assign]
+    return built
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_program_that_never_reads_is_dropped_with_bounded_buffer(
+    core: FakeCore, sockdir: str
+) -> None:
+    core.status_value = {"blob": "x" * 50_000}
+    service = limited(core, sockdir, max_unread=256 * 1024, stall_timeout=0.5)
+    built = record_protocols(service)
+    path = service.path
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(path)
+    sock.setblocking(False)
+    requests = b'{"id": 1, "op": "status"}\n' * 1000  # 50 MB of replies, never read
+    peak = 0
+    try:
+        await wait_until(lambda: service.factory.connections)
+        deadline = reactor.seconds() + 5
+        while service.factory.connections and reactor.seconds() < deadline:
+            with contextlib.suppress(BlockingIOError, BrokenPipeError, ConnectionResetError):
+                requests = requests[sock.send(requests) :]
+            peak = max([peak, *(buffered(p) for p in built if p.transport is not None)])
+            await deferLater(reactor, 0.005)
+        assert not service.factory.connections, "the program that never reads is still served"
+        assert 0 < peak <= 256 * 1024 + 60_000
+        # Everyone else is still served.
+        assert await in_thread(client.status, socket_path=path) == core.status_value
+    finally:
+        sock.close()
+        await maybeDeferred(service.stopService)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_paused_program_that_reads_gets_everything_and_its_tunnel(
+    core: FakeCore, sockdir: str
+) -> None:
+    core.status_value = {"blob": "x" * 50_000}
+    service = limited(core, sockdir, max_unread=256 * 1024, stall_timeout=5.0)
+    channel = client._Channel(service.path)
+    try:
+        for _ in range(30):  # 1.5 MB of replies: past the limit, the agent stops reading
+            channel.request("status")
+        rid = channel.request("connect", peer="bob", service="chat")
+        await deferLater(reactor, 0.3)
+        assert core.connects == [], "the agent kept reading past the unread limit"
+
+        def read_all() -> tuple[int, Tunnel]:
+            statuses = 0
+            while True:
+                reply, sock = channel.read(time.monotonic() + 5)
+                if sock is not None:
+                    assert reply["id"] == rid
+                    return statuses, Tunnel(sock, reply["tunnel"])
+                statuses += "status" in reply
+
+        statuses, tunnel = await in_thread(read_all)
+        with tunnel:
+            assert statuses == 30
+            check_tunnel(core, tunnel)
+        await wait_until(lambda: core.agent_ends[0].fileno() == -1)
+        assert service.factory.connections, "a program that reads must not be dropped"
+    finally:
+        channel.close()
+        await maybeDeferred(service.stopService)
+
+
+def refused_after(path: str, opened: list[RawConnection]) -> dict[str, Any]:
+    conn = RawConnection(path)
+    opened.append(conn)
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        conn.send({"id": 1, "op": "status"})
+    reply = conn.line()
+    assert conn.at_eof()
+    return reply
+
+
+@pytest.mark.parametrize(
+    ("limits", "message"),
+    [
+        ({"max_per_user": 3}, f"uid {os.getuid()} already has 3 control connections open"),
+        ({"max_connections": 3}, "the agent already serves 3 control connections"),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_connection_caps_refuse_the_next_one(
+    core: FakeCore, sockdir: str, limits: dict[str, int], message: str
+) -> None:
+    service = limited(core, sockdir, **limits)
+    opened: list[RawConnection] = []
+    try:
+        for i in range(3):
+            conn = RawConnection(service.path)
+            opened.append(conn)
+            conn.send({"id": i, "op": "status"})
+            assert (await in_thread(conn.line))["ok"] is True
+        reply = await in_thread(refused_after, service.path, opened)
+        assert reply["id"] is None
+        assert reply["error"]["code"] == "busy"
+        assert message in reply["error"]["message"]
+        with pytest.raises(TunnelError) as raised:
+            await in_thread(client.status, socket_path=service.path)
+        assert raised.value.code == "busy"
+        opened.pop(0).close()
+        await wait_until(lambda: service.factory.connections.total() == 2)
+        assert await in_thread(client.status, socket_path=service.path) == core.status_value
+    finally:
+        for conn in opened:
+            conn.close()
+        await maybeDeferred(service.stopService)
+
+
+@pytest_twisted.ensureDeferred
+async def test_idle_connections_close_but_listens_and_connects_do_not(
+    core: FakeCore, sockdir: str
+) -> None:
+    service = limited(core, sockdir, idle_timeout=0.3)
+    silent, asked, listening, connecting = (RawConnection(service.path) for _ in range(4))
+    try:
+        asked.send({"id": 1, "op": "status"})
+        listening.send({"id": 2, "op": "listen", "service": "chat"})
+        connecting.send({"id": 3, "op": "connect", "peer": "hold-it", "service": "chat"})
+        assert (await in_thread(asked.line))["ok"] is True
+        assert (await in_thread(listening.line))["ok"] is True
+        await wait_until(lambda: core.held)
+        for conn in silent, asked:
+            reply = await in_thread(conn.line)
+            assert reply["id"] is None
+            assert reply["error"]["code"] == "timeout"
+            assert "no request for 0.3 s" in reply["error"]["message"]
+            assert await in_thread(conn.at_eof)
+        await deferLater(reactor, 0.6)
+        assert service.factory.connections.total() == 2
+        assert core.cancelled == []
+        assert "chat" in core.listeners
+        # The connect finishes: now that connection has nothing in flight either.
+        core.release(core.held[0])
+        replies = [await in_thread(connecting.line) for _ in range(3)]
+        assert replies[1]["ok"] is True
+        assert replies[2]["error"]["code"] == "timeout"
+        assert await in_thread(connecting.at_eof)
+        listening.send({"id": 4, "op": "status"})
+        assert (await in_thread(listening.line))["ok"] is True
+    finally:
+        for conn in silent, asked, listening, connecting:
+            conn.close()
+        await maybeDeferred(service.stopService)
+
+
+# -- ids and lines no reply could carry -------------------------------------
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b'{"id": 1e999, "op": "connect", "peer": "bob", "service": "chat"}',
+        b'{"id": -1e999, "op": "status"}',
+        b'{"id": NaN, "op": "connect", "peer": "bob", "service": "chat"}',
+        b'{"id": Infinity, "op": "status"}',
+        b'{"id": -Infinity, "op": "listen", "service": "chat"}',
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_a_non_finite_id_is_a_bad_request(
+    core: FakeCore, agent_socket: str, line: bytes
+) -> None:
+    def talk() -> list[dict[str, Any]]:
+        conn = RawConnection(agent_socket)
+        try:
+            conn.send(line + b"\n")
+            conn.send({"id": "next", "op": "status"})
+            return [conn.line(), conn.line()]
+        finally:
+            conn.close()
+
+    refused, status = await in_thread(talk)
+    assert refused["id"] is None
+    assert refused["error"]["code"] == "bad-request"
+    assert status == {"id": "next", "ok": True, "status": core.status_value}
+    assert core.connects == []
+    assert core.listeners == {}
+
+
+class UnsendableProgressCore(FakeCore):
+    """
+    Reports progress no JSON line can carry: at once, or when released.
+    """
+
+    def connect(self, peer: str, service: str, timeout: float, progress: Any) -> Any:
+        d = super().connect(peer, service, timeout, progress)
+        if peer == "hold-now":
+            progress({"event": "probing", "rtt_ms": float("nan")})
+        return d
+
+    def release(self, held: Held) -> None:
+        held.progress({"event": "probing", "rtt_ms": float("inf")})
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_unsendable_progress_line_cancels_the_tunnel(sockdir: str) -> None:
+    core = UnsendableProgressCore()
+    path = os.path.join(sockdir, "agent.sock")
+    service = serve(core, path)
+    conn = RawConnection(path)
+    try:
+        conn.send({"id": 1, "op": "connect", "peer": "hold-now", "service": "chat"})
+        conn.send({"id": 2, "op": "connect", "peer": "hold-later", "service": "chat"})
+        await wait_until(lambda: len(core.held) == 2)
+        core.release(core.held[1])
+        replies = {r["id"]: r for r in [await in_thread(conn.line) for _ in range(2)]}
+        assert replies[1]["error"]["code"] == "cancelled"
+        assert replies[2]["error"]["code"] == "cancelled"
+        assert sorted(core.cancelled) == ["hold-later", "hold-now"]
+        conn.send({"id": 3, "op": "status"})
+        assert (await in_thread(conn.line))["ok"] is True
+    finally:
+        conn.close()
+        await maybeDeferred(service.stopService)
+        core.close()

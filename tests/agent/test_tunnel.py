@@ -44,6 +44,9 @@ Address = tuple[str, int]
 A_HOST = "192.0.2.10"
 B_HOST = "192.0.2.20"
 RENDEZVOUS = ("203.0.113.1", 3478)
+#: The relay ports of the initiator's and the responder's sides.
+RELAY_A = ("203.0.113.1", 50001)
+RELAY_B = ("203.0.113.1", 50002)
 LATENCY = 0.005
 INTRO_DELAY = 0.01
 
@@ -212,6 +215,8 @@ class Net:
         self.after_release: list[Datagram] = []
         self.routes: dict[Address, tuple[Endpoint, str]] = {}
         self.servers: dict[Address, Callable[[bytes, Address], bytes | None]] = {}
+        #: Relay ports: where what is sent to each goes, and from which port.
+        self.relays: dict[Address, tuple[str, Address]] = {}
         self.latency = {"lan": LATENCY, "wan": LATENCY}
         self.fate: Callable[[Datagram], list[float]] = self.deliver_once
         self.endpoints: dict[str, Endpoint] = {}
@@ -303,6 +308,12 @@ class Net:
             if answer is not None:
                 delay = self.latency["wan"]
                 self.reactor.callLater(delay, sender.arrive, answer, dst)
+            return
+        relayed = self.relays.get(dst)
+        if relayed is not None:
+            # A relay port: on to the other side, from the other side's port.
+            target, port = relayed
+            self.reactor.callLater(self.latency["wan"], self.endpoints[target].arrive, data, port)
             return
         route = self.routes.get(dst)
         if route is not None:
@@ -446,6 +457,7 @@ def make_pair(
     a: dict[str, Any] | None = None,
     b: dict[str, Any] | None = None,
     intro_delay: float | None = INTRO_DELAY,
+    relay: bool = False,
 ) -> Pair:
     """
     Start the initiator; when it asks for the introduction, start the
@@ -454,6 +466,12 @@ def make_pair(
     (never, if C{None}).
     """
     pair = Pair(net)
+    a_relay, b_relay = [], []
+    if relay:
+        net.relays[RELAY_A] = ("b", RELAY_B)
+        net.relays[RELAY_B] = ("a", RELAY_A)
+        a_relay = [Candidate(CandidateKind.RELAY, *RELAY_A)]
+        b_relay = [Candidate(CandidateKind.RELAY, *RELAY_B)]
 
     def introduced(candidates: list[Candidate]) -> None:
         pair._b = net.make(
@@ -465,7 +483,7 @@ def make_pair(
             tunnel_id=pair.tunnel_id,
             own_key=pair.b_key,
             peer_key=pair.a_key.public_key(),
-            remote_candidates=candidates,
+            remote_candidates=candidates + b_relay,
         )
         pair.b.result.addBoth(pair.b_result.append)
         pair.b.core.role.answer.addCallbacks(answer, lambda f: None)
@@ -473,7 +491,7 @@ def make_pair(
     def answer(candidates: list[Candidate]) -> None:
         assert pair.intro.deferred is not None
         if intro_delay is not None:
-            reply = (candidates, pair.b_key.public_key(), nonce_of(pair.b))
+            reply = (candidates + a_relay, pair.b_key.public_key(), nonce_of(pair.b))
             net.reactor.callLater(intro_delay, pair.intro.deferred.callback, reply)
 
     pair.intro.forward = introduced
@@ -1400,3 +1418,44 @@ def test_a_replayed_introduction_gets_a_fresh_tunnel_key(net: Net) -> None:
     assert replayed.machine.describe() != "awaiting confirmation"
     replayed.machine.cancel()
     assert isinstance(results[0], Failure)
+
+
+# -- the relay -------------------------------------------------------------------
+
+
+def test_the_relay_carries_a_tunnel_no_direct_pair_can(net: Net) -> None:
+    """
+    Both behind NATs that admit nobody: only the relay's pair answers, and
+    it is nominated once the direct pairs had their chance.
+    """
+    pair = make_pair(
+        net,
+        relay=True,
+        a={"reachable": False, "public": ("198.51.100.10", None)},
+        b={"reachable": False, "public": ("198.51.100.20", None)},
+    )
+    net.run(3.0)
+    a, b = pair.hand_off("a"), pair.hand_off("b")
+    assert (a.info["path"], b.info["path"]) == ("relay", "relay")
+    assert a.info["relay"] == wire.format_address(RELAY_A)
+    assert a.info["candidates"] == {"local": "relay", "remote": "relay"}
+    nominated = next(d for d in net.sent_by("a") if d.kind() == "nominate")
+    assert nominated.dst == RELAY_A
+    first_answer = min(d.sent_at for d in net.sent_by("b") if d.kind() == "answer")
+    # Patience: the relay's pair waited for a better one before it was chosen.
+    assert nominated.sent_at >= first_answer + CandidateKind.RELAY.patience  # type: ignore[operator]
+    assert_clean_hand_off(pair, RELAY_A, RELAY_B)
+
+
+def test_a_direct_pair_beats_the_relay_that_answered_first(net: Net) -> None:
+    net.latency = {"lan": 0.08, "wan": LATENCY}
+    pair = make_pair(net, relay=True)
+    net.run(3.0)
+    a = pair.hand_off("a")
+    assert a.info["path"] == "direct"
+    relay_answered = [d for d in net.log if d.kind() == "answer" and d.dst == RELAY_B]
+    assert relay_answered, "the relay pair should have answered first"
+    nominated = next(d for d in net.sent_by("a") if d.kind() == "nominate")
+    # No waiting out the relay's patience once a direct pair answered.
+    assert nominated.sent_at < relay_answered[0].sent_at + 0.3
+    assert_clean_hand_off(pair)

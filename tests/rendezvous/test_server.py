@@ -1251,3 +1251,17 @@ def test_binding_flood_from_many_sources_keeps_no_state() -> None:
         h.receive(os.urandom(i % 64), ("192.0.2.1", 2))
     h.no_state()
     assert h.protocol.counters["binding"] == 2000
+
+
+def test_register_replies_and_introductions_carry_the_rendezvous_time() -> None:
+    """
+    Agents judge an Incoming's freshness by the rendezvous' clock, which the
+    Register reply tells them: both carry it, signed.
+    """
+    h, agents = world()
+    h.clock.advance(12.5)
+    reply = h.register(agents["alice"])
+    assert wire.decode_timestamp(reply) == pytest.approx(h.clock.seconds())
+    h.clock.advance(3.0)
+    introduction = start_connect(h, agents["alice"], agents["bob"])
+    assert wire.decode_timestamp(introduction.incoming) == pytest.approx(h.clock.seconds())

@@ -1,0 +1,3 @@
+"""
+One module per fuzz target; see L{fuzz}.
+"""

@@ -1,0 +1,77 @@
+"""
+Relayed tunnels through real NATs: a cone NAT facing a symmetric one has no
+direct path, so the rendezvous's relay carries the tunnel.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from netlab.lab import RENDEZVOUS_ADDRESS, Lab
+from netlab.scenarios import World
+
+pytestmark = pytest.mark.netlab
+
+RELAY_PORTS = (50000, 50015)
+
+#: A stranger on the internet sending junk to every relay port, for a while.
+FLOOD = """
+import socket, sys, time
+host, first, last, seconds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+end = time.monotonic() + seconds
+while time.monotonic() < end:
+    for port in range(first, last + 1):
+        try:
+            s.sendto(b"INJECTED", (host, port))
+        except OSError:
+            pass
+    time.sleep(0.001)
+"""
+
+
+@pytest.fixture
+def lab() -> Iterator[Lab]:
+    with Lab() as lab:
+        yield lab
+
+
+def test_a_relayed_tunnel_carries_everything_and_nothing_else(lab: Lab) -> None:
+    first, last = RELAY_PORTS
+    world = World(lab, rendezvous_extra=f'relay_ports = "{first}-{last}"\n')
+    try:
+        world.add("conea", "cone")
+        world.add("syma", "symmetric")
+        world.add("stranger", "public")
+        world.start()
+        flood = world.hosts["stranger"].run(
+            [sys.executable, "-c", FLOOD, RENDEZVOUS_ADDRESS, *map(str, RELAY_PORTS), "60"]
+        )
+        try:
+            outcome = world.tunnel("conea1", "syma1", count=1000, timeout=30.0)
+        finally:
+            flood.kill()
+            flood.wait(5)
+        assert outcome.ok, outcome.message
+        assert outcome.path == "relay"
+        assert outcome.exchanged == 1000  # each way, none lost
+        assert outcome.strays == []  # nothing of punchd's, nothing of the stranger's
+    finally:
+        world.close()
+
+
+def test_a_relayed_tunnel_is_set_up_under_ten_percent_loss(lab: Lab) -> None:
+    world = World(lab)
+    try:
+        world.add("conea", "cone", loss=10)
+        world.add("syma", "symmetric", loss=10)
+        world.start()
+        outcome = world.tunnel("conea1", "syma1", count=50, timeout=10.0)
+        assert outcome.ok, outcome.message
+        assert outcome.path == "relay"
+        assert outcome.exchanged == 50
+    finally:
+        world.close()
