@@ -89,6 +89,9 @@ def test_registrations_and_a_tunnel_show_in_the_metrics(deployment: Deployment) 
     before = scrape(port["rendezvous"])
     assert value(before, "punchd_registrations_total") == 0
     assert value(before, "punchd_agents_registered") == 0
+    # The relay (on by default) reports its allocations, none yet.
+    assert ("punchd_relay_allocations_total", frozenset()) in before
+    assert value(before, "punchd_relay_allocations_active") == 0
     for name in ("alice", "bob"):
         d.start_agent(name)
     after = scrape(port["rendezvous"])
