@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import ipaddress
 import os
 import re
 import sys
@@ -295,6 +296,25 @@ def _port_range(value: Any, place: Place) -> str:
 
 
 _LOG_FORMAT_HELP = "Log lines as text for people, or json (one object per line) for collectors."
+_METRICS_HELP = (
+    'Serve Prometheus metrics at http://IP:PORT/metrics, for example "127.0.0.1:9478"; "" for none.'
+)
+
+
+def _metrics_address(value: Any, place: Place) -> str:
+    """
+    C{""} (off) or C{"IP:port"} / C{"[IPv6]:port"}: an address, not a
+    name, so that what is exposed is plain from the config.
+    """
+    if value == "":
+        return ""
+    expected = f'must be "" (off) or "IP:port" such as "127.0.0.1:9478", got {show(value)}'
+    host, _ = checks.address(value, place)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise Invalid(expected) from None
+    return str(value)
 
 
 def _flag(value: Any, place: Place) -> bool:
@@ -401,6 +421,8 @@ class RendezvousConfig:
         default=0,
         from_text=checks.int_text,
     )
+    # -- metrics --
+    metrics: str = setting(_metrics_address, _METRICS_HELP, default="")
 
 
 @_config_class
@@ -487,6 +509,8 @@ class AgentConfig:
         default=1200,
         from_text=checks.int_text,
     )
+    # -- metrics --
+    metrics: str = setting(_metrics_address, _METRICS_HELP, default="")
 
 
 # -- loading -------------------------------------------------------------------

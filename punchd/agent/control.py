@@ -355,6 +355,7 @@ class ControlProtocol(LineReceiver):
     def __init__(self, factory: ControlFactory) -> None:
         self._factory = factory
         self._core = factory.core
+        self._counters = factory.counters
         self._connect_timeout = factory.connect_timeout
         self._clock = factory.clock
         self._limits = factory.limits
@@ -369,6 +370,7 @@ class ControlProtocol(LineReceiver):
         self._caller = peer_credentials(self._transport().getHandle())
         refusal = self._factory.refusal(self._caller)
         if refusal is not None:
+            self._counters["refused"] += 1
             code, message = refusal
             log.info(
                 "control socket: refused pid {pid} uid {uid} gid {gid}: {message}",
@@ -381,6 +383,7 @@ class ControlProtocol(LineReceiver):
             self._transport().loseConnection()
             return
         self._active = True
+        self._counters["accepted"] += 1
         self._factory.opened(self._caller)
         self._output = _Output(
             self._transport(), self._clock, self._limits, self.pauseProducing, self.resumeProducing
@@ -396,6 +399,7 @@ class ControlProtocol(LineReceiver):
         self._active = False
         self._touch()
         if self._output is not None:
+            self._counters["closed"] += 1
             self._factory.closed(self._caller)
             self._output.stopProducing()
         listeners = list(self._listeners.values())
@@ -421,6 +425,7 @@ class ControlProtocol(LineReceiver):
             if handler is None:
                 op = "?"
                 raise BadRequest("unknown or missing op")
+            self._counters["op-" + op] += 1
             log.debug(
                 "control {op} id={rid!r} from uid {uid}", op=op, rid=rid, uid=self._caller.uid
             )
@@ -635,6 +640,8 @@ class ControlFactory(Factory):
         self.core = core
         self.authorizer = authorizer
         self.connect_timeout = connect_timeout
+        #: Connections (accepted, refused, closed) and requests (op-NAME), for metrics.
+        self.counters: Counter[str] = Counter()
         self.clock = clock
         self.limits = limits
         self.connections: Counter[int] = Counter()

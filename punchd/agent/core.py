@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IListeningPort
@@ -28,10 +28,16 @@ from punchd.agent.registration import (
     RegistrationCore,
     build_registration_machine,
 )
-from punchd.agent.rendezvous_client import RendezvousClient, RendezvousError
-from punchd.agent.tunnel import SocketFactory
+from punchd.agent.rendezvous_client import (
+    IncomingAnswer,
+    Refused,
+    RendezvousClient,
+    RendezvousError,
+)
+from punchd.agent.tunnel import SocketFactory, Tunnel
 from punchd.config import AgentConfig
 from punchd.keys import derive_rendezvous_key
+from punchd.metrics import TunnelStats
 from punchd.retransmit import Backoff, RequestTimedOut
 from punchd.stun import Attr, Method
 from punchd.wire import format_address
@@ -49,6 +55,18 @@ FRIENDLY = {
     "timeout": "{peer} did not answer the introduction ({reason})",
     "not-registered": "the rendezvous has forgotten this agent; it is registering again",
 }
+
+
+def refusal_text(settings: AgentConfig) -> str:
+    """
+    What to say when the rendezvous refuses our credentials: both causes.
+    """
+    return (
+        "the rendezvous refused our credentials: either its peers file does not list "
+        f"agent {settings.name}, or the keys do not match (it must list this agent's "
+        f"public key {settings.private_key.public_key().to_base64()}, and "
+        "rendezvous_public_key here must be the rendezvous's)"
+    )
 
 
 class Agent:
@@ -70,9 +88,7 @@ class Agent:
         key = derive_rendezvous_key(
             settings.private_key, settings.rendezvous_public_key, settings.name
         )
-        self.client = RendezvousClient(
-            settings.name, key, reactor, lambda message: self.punch.incoming(message)
-        )
+        self.client = RendezvousClient(settings.name, key, reactor, self._incoming)
         self.punch = Puncher(
             settings,
             reactor,
@@ -90,6 +106,8 @@ class Agent:
             server=lambda: format_address(settings.rendezvous),
         )
         self.registration = build_registration_machine(self.registration_core)
+        self.refusal = refusal_text(settings)
+        self.tunnel_stats = TunnelStats()
         # -- hard NATs: what the network allows, and the gateway's port mappings.
         self.alternate_port = 0
         self.port_mapper = PortMapper(reactor) if settings.port_mapping else None
@@ -190,7 +208,11 @@ class Agent:
                 self.reactor.callLater(0, self.netchecker.moved, old, mapped)
             return (mapped, stun.decode_u32(lifetime))
 
-        return self._resolve().addCallback(resolved).addCallback(registered)
+        def explained(failure: Failure) -> Failure:
+            failure.trap(Refused)
+            return Failure(Refused(self.refusal))
+
+        return self._resolve().addCallback(resolved).addCallback(registered).addErrback(explained)
 
     def _heard_alternate_port(self, message: stun.Message) -> None:
         value = message.get(Attr.ALTERNATE_PORT)
@@ -221,7 +243,18 @@ class Agent:
             "netcheck": self.netchecker.last.summary if self.netchecker.last else None,
         }
 
+    def _refused(self) -> TunnelFailed | None:
+        """
+        While the rendezvous refuses us, requests fail at once, saying why.
+        """
+        if self.registration.describe() == "refused":
+            return TunnelFailed("unauthorized", self.refusal)
+        return None
+
     def peers(self) -> Deferred[list[dict[str, Any]]]:
+        refused = self._refused()
+        if refused is not None:
+            return _failed(refused)
         found: list[dict[str, Any]] = []
 
         def page(after: str | None) -> Deferred[list[dict[str, Any]]]:
@@ -240,8 +273,10 @@ class Agent:
     def _as_tunnel_failure(self, failure: Failure, peer: str, service: str) -> Failure:
         if failure.check(RendezvousError):
             error: RendezvousError = failure.value  # type: ignore[assignment]
-            if error.code == 470:
+            if error.code in (401, 470):
                 self.registration.reregisterNow()
+            if isinstance(error, Refused):
+                return Failure(TunnelFailed("unauthorized", self.refusal))
             template = FRIENDLY.get(error.name, "the rendezvous said: {reason}")
             message = template.format(peer=peer, service=service, reason=error.reason)
             return Failure(TunnelFailed(error.name, message))
@@ -257,14 +292,25 @@ class Agent:
     def connect(
         self, peer: str, service: str, timeout: float, progress: ProgressCallback
     ) -> Deferred[HandOff]:
+        d = self._connect(peer, service, timeout, progress)
+        return d.addBoth(self.tunnel_stats.ended, "initiator")
+
+    def _connect(
+        self, peer: str, service: str, timeout: float, progress: ProgressCallback
+    ) -> Deferred[HandOff]:
         if peer == self.settings.name:
-            return _failed("bad-request", "cannot open a tunnel to this agent itself")
+            return _failed(TunnelFailed("bad-request", "cannot open a tunnel to this agent itself"))
+        refused = self._refused()
+        if refused is not None:
+            return _failed(refused)
         if self.registration.describe() != "registered":
             error = self.registration_core.last_error
             return _failed(
-                "not-registered",
-                "this agent is not registered with its rendezvous"
-                + (f" (last error: {error})" if error else ""),
+                TunnelFailed(
+                    "not-registered",
+                    "this agent is not registered with its rendezvous"
+                    + (f" (last error: {error})" if error else ""),
+                )
             )
         explain = self._explainer(peer, service)
         return self.punch.connect(peer, service, timeout, progress, explain)
@@ -273,10 +319,40 @@ class Agent:
         return lambda failure: self._as_tunnel_failure(failure, peer, service)
 
     def listen(self, service: str, incoming: Callable[[HandOff], None]) -> Callable[[], None]:
-        return self.punch.listen(service, incoming)
+        def counted(handoff: HandOff) -> None:
+            self.tunnel_stats.succeeded("responder", handoff.info)
+            incoming(handoff)
+
+        return self.punch.listen(service, counted)
+
+    def _incoming(self, message: stun.Message) -> Deferred[IncomingAnswer]:
+        """
+        Answer a peer's introduction, counting the answer and, when the
+        tunnel it starts fails, the failure (its successes are counted as
+        they reach a listener).
+        """
+        before = set(self.punch.tunnels)
+        answer = self.punch.incoming(message)
+        for tunnel in [t for i, t in self.punch.tunnels.items() if i not in before]:
+            tunnel.result.addBoth(self._responder_ended, tunnel)
+
+        return answer.addCallback(self.tunnel_stats.answered)
+
+    def _responder_ended(self, result: object, tunnel: Tunnel) -> object:
+        # The result fires inside the tunnel machine's last transition: ask
+        # it where it ended once that is over.
+        self.reactor.callLater(0, self._count_responder_failure, tunnel)
+        return result
+
+    def _count_responder_failure(self, tunnel: Tunnel) -> None:
+        if tunnel.machine.describe() == "failed":
+            self.tunnel_stats.failed("responder", "failed")
 
 
-def _failed(code: str, message: str) -> Deferred[HandOff]:
-    d: Deferred[HandOff] = Deferred()
-    d.errback(TunnelFailed(code, message))
+T = TypeVar("T")
+
+
+def _failed(error: TunnelFailed) -> Deferred[T]:
+    d: Deferred[T] = Deferred()
+    d.errback(error)
     return d

@@ -4,14 +4,18 @@ The agent's registration with the rendezvous, as an explicit state machine.
 Registered agents refresh every C{keepalive} seconds, which also keeps their
 NAT mapping open.  A refresh that goes unanswered means the rendezvous went
 silent (or the path to it did); the agent says so and registers again with
-capped, jittered backoff for as long as it runs.
+capped, jittered backoff for as long as it runs.  An attempt that the
+rendezvous refused (L{Refused}: a wrong name or key, most likely) leaves the
+agent "refused" until one succeeds, retried the same way, so that a
+corrected peers file lets it in without a restart.
 """
 
 from __future__ import annotations
 
 import random
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from automat import TypeMachineBuilder
@@ -20,6 +24,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from punchd.agent.rendezvous_client import Refused
 from punchd.wire import format_address
 
 log = Logger()
@@ -44,6 +49,9 @@ class Registration(Protocol):
 
     def fail(self, reason: str) -> None:
         "A registration attempt got an error or no answer."
+
+    def refuse(self, reason: str) -> None:
+        "The rendezvous refused our credentials (unsigned 401s only)."
 
     def keepaliveIsDue(self) -> None:
         "Time to refresh."
@@ -82,6 +90,8 @@ class RegistrationCore:
     lifetime: int = 0
     registered_at: float | None = None
     failures: int = 0
+    #: Attempts by outcome: registered, refreshed, failed, refused.
+    outcomes: Counter[str] = field(default_factory=Counter)
     last_error: str | None = None
     timer: IDelayedCall | None = None
     inflight: Deferred[Registered] | None = None
@@ -109,103 +119,143 @@ def _send(machine: Registration, core: RegistrationCore) -> None:
     def failed(failure: Failure) -> None:
         if core.inflight is d:
             core.inflight = None
-            machine.fail(failure.getErrorMessage() or repr(failure.value))
+            if failure.check(Refused):
+                machine.refuse(str(failure.value))
+            else:
+                machine.fail(failure.getErrorMessage() or repr(failure.value))
 
     d.addCallbacks(done, failed)
 
 
+def _retry_later(machine: Registration, core: RegistrationCore, reason: str) -> float:
+    core.failures += 1
+    core.last_error = reason
+    delay = backoff_delay(core.failures, core.jitter)
+    core.timer = core.clock.callLater(delay, machine.retryIsDue)
+    return delay
+
+
+# -- what the transitions do ---------------------------------------------------
+
+
+def _attempt(machine: Registration, core: RegistrationCore) -> None:
+    core.cancel_timer()
+    _send(machine, core)
+
+
+def _remember(
+    machine: Registration, core: RegistrationCore, mapped: tuple[str, int], lifetime: int
+) -> None:
+    fresh = core.registered_at is None or core.failures > 0
+    core.outcomes["registered" if fresh else "refreshed"] += 1
+    if fresh:
+        log.info(
+            "registered with rendezvous {server} as {mapped}",
+            server=core.server(),
+            mapped=format_address(mapped),
+        )
+    if core.mapped is not None and core.mapped != mapped:
+        log.info(
+            "our mapped address changed from {old} to {new}",
+            old=format_address(core.mapped),
+            new=format_address(mapped),
+        )
+    core.mapped = mapped
+    core.lifetime = lifetime
+    core.registered_at = core.clock.seconds()
+    core.failures = 0
+    core.last_error = None
+    # Refresh well within what the server granted, whatever was asked.
+    refresh = min(core.keepalive, lifetime / 3) if lifetime > 0 else core.keepalive
+    core.timer = core.clock.callLater(refresh, machine.keepaliveIsDue)
+
+
+def _schedule_retry(machine: Registration, core: RegistrationCore, reason: str) -> None:
+    core.outcomes["failed"] += 1
+    delay = _retry_later(machine, core, reason)
+    if core.failures == 1:
+        log.warn(
+            "rendezvous {server} did not accept us ({reason}); retrying",
+            server=core.server(),
+            reason=reason,
+        )
+    else:
+        log.info(
+            "registration attempt {attempt} failed ({reason}); next in {delay:.1f} s",
+            attempt=core.failures,
+            reason=reason,
+            delay=delay,
+        )
+
+
+def _first_refusal(machine: Registration, core: RegistrationCore, reason: str) -> None:
+    core.outcomes["refused"] += 1
+    delay = _retry_later(machine, core, reason)
+    log.warn("{reason}; retrying in {delay:.1f} s", reason=reason, delay=delay)
+
+
+def _refused_again(machine: Registration, core: RegistrationCore, reason: str) -> None:
+    core.outcomes["refused"] += 1
+    delay = _retry_later(machine, core, reason)
+    log.info(
+        "registration attempt {attempt} refused; next in {delay:.1f} s",
+        attempt=core.failures,
+        delay=delay,
+    )
+
+
+def _halt(machine: Registration, core: RegistrationCore) -> None:
+    core.cancel_timer()
+    core.cancel_inflight()
+
+
+#: Each state's name in status reports.
+DESCRIPTIONS = {
+    "stopped": "stopped",
+    "registering": "registering",
+    "registered": "registered",
+    "refreshing": "registered",
+    "waiting to retry": "retrying",
+    # Refused, and waiting to retry; refused, and retrying.
+    "refused": "refused",
+    "rechecking": "refused",
+}
+
+
 def build_registration() -> Callable[[RegistrationCore], Registration]:
     builder = TypeMachineBuilder(Registration, RegistrationCore)
-    stopped = builder.state("stopped")
-    registering = builder.state("registering")
-    registered = builder.state("registered")
-    refreshing = builder.state("refreshing")
-    waiting = builder.state("waiting to retry")
+    states = {name: builder.state(name) for name in DESCRIPTIONS}
+    stopped, registering, registered = (
+        states["stopped"],
+        states["registering"],
+        states["registered"],
+    )
+    refreshing, waiting = states["refreshing"], states["waiting to retry"]
+    refused, rechecking = states["refused"], states["rechecking"]
+    R = Registration
 
-    @stopped.upon(Registration.start).to(registering)
-    @waiting.upon(Registration.retryIsDue).to(registering)
-    @waiting.upon(Registration.reregisterNow).to(registering)
-    def register(machine: Registration, core: RegistrationCore) -> None:
-        core.cancel_timer()
-        _send(machine, core)
+    stopped.upon(R.start).to(registering)(_attempt)
+    for idle, attempting in [(waiting, registering), (refused, rechecking)]:
+        idle.upon(R.retryIsDue).to(attempting)(_attempt)
+        idle.upon(R.reregisterNow).to(attempting)(_attempt)
+    registered.upon(R.keepaliveIsDue).to(refreshing)(_attempt)
+    registered.upon(R.reregisterNow).to(refreshing)(_attempt)
+    for attempting in (registering, refreshing, rechecking):
+        attempting.upon(R.succeed).to(registered)(_remember)
+        attempting.upon(R.fail).to(waiting)(_schedule_retry)
+        attempting.upon(R.reregisterNow).loop().returns(None)
+    registering.upon(R.refuse).to(refused)(_first_refusal)
+    refreshing.upon(R.refuse).to(refused)(_first_refusal)
+    rechecking.upon(R.refuse).to(refused)(_refused_again)
 
-    @registered.upon(Registration.keepaliveIsDue).to(refreshing)
-    @registered.upon(Registration.reregisterNow).to(refreshing)
-    def refresh(machine: Registration, core: RegistrationCore) -> None:
-        core.cancel_timer()
-        _send(machine, core)
-
-    @registering.upon(Registration.succeed).to(registered)
-    @refreshing.upon(Registration.succeed).to(registered)
-    def remember(
-        machine: Registration, core: RegistrationCore, mapped: tuple[str, int], lifetime: int
-    ) -> None:
-        if core.registered_at is None or core.failures:
-            log.info(
-                "registered with rendezvous {server} as {mapped}",
-                server=core.server(),
-                mapped=format_address(mapped),
-            )
-        if core.mapped is not None and core.mapped != mapped:
-            log.info(
-                "our mapped address changed from {old} to {new}",
-                old=format_address(core.mapped),
-                new=format_address(mapped),
-            )
-        core.mapped = mapped
-        core.lifetime = lifetime
-        core.registered_at = core.clock.seconds()
-        core.failures = 0
-        core.last_error = None
-        # Refresh well within what the server granted, whatever was asked.
-        refresh = min(core.keepalive, lifetime / 3) if lifetime > 0 else core.keepalive
-        core.timer = core.clock.callLater(refresh, machine.keepaliveIsDue)
-
-    @registering.upon(Registration.fail).to(waiting)
-    @refreshing.upon(Registration.fail).to(waiting)
-    def schedule_retry(machine: Registration, core: RegistrationCore, reason: str) -> None:
-        core.failures += 1
-        core.last_error = reason
-        delay = backoff_delay(core.failures, core.jitter)
-        if core.failures == 1:
-            log.warn(
-                "rendezvous {server} did not accept us ({reason}); retrying",
-                server=core.server(),
-                reason=reason,
-            )
+    for name, state in states.items():
+        state.upon(R.describe).loop().returns(DESCRIPTIONS[name])
+        if state is stopped:
+            state.upon(R.stop).loop().returns(None)
+            state.upon(R.reregisterNow).loop().returns(None)
         else:
-            log.info(
-                "registration attempt {attempt} failed ({reason}); next in {delay:.1f} s",
-                attempt=core.failures,
-                reason=reason,
-                delay=delay,
-            )
-        core.timer = core.clock.callLater(delay, machine.retryIsDue)
-
-    @registering.upon(Registration.stop).to(stopped)
-    @registered.upon(Registration.stop).to(stopped)
-    @refreshing.upon(Registration.stop).to(stopped)
-    @waiting.upon(Registration.stop).to(stopped)
-    def halt(machine: Registration, core: RegistrationCore) -> None:
-        core.cancel_timer()
-        core.cancel_inflight()
-
-    for state in (registering, registered, refreshing, waiting):
-        state.upon(Registration.start).loop().returns(None)
-    for state in (registering, refreshing):
-        state.upon(Registration.reregisterNow).loop().returns(None)
-    stopped.upon(Registration.stop).loop().returns(None)
-    stopped.upon(Registration.reregisterNow).loop().returns(None)
-
-    for state, name in (
-        (stopped, "stopped"),
-        (registering, "registering"),
-        (registered, "registered"),
-        (refreshing, "registered"),
-        (waiting, "retrying"),
-    ):
-        state.upon(Registration.describe).loop().returns(name)
-
+            state.upon(R.stop).to(stopped)(_halt)
+            state.upon(R.start).loop().returns(None)
     return builder.build()
 
 

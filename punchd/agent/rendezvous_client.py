@@ -35,7 +35,9 @@ CONNECT_BACKOFF = Backoff(initial=0.3, maximum=1.5, attempts=9)
 RECENT_INCOMING = 256
 STALE_NONCE = 438
 BAD_SEQUENCE = 439
-HINT_INTERVAL = 60.0
+UNAUTHORIZED = 401
+#: Unsigned 401s one request must draw (and nothing signed) before it ends as refused.
+REFUSALS_TO_GIVE_UP = 2
 
 #: What an Incoming handler answers: the reply class and its attributes.
 IncomingAnswer = tuple[MessageClass, list[tuple[int, bytes]]]
@@ -52,6 +54,21 @@ class RendezvousError(Exception):
         self.code = code
         self.reason = reason
         self.name = wire.ERROR_NAMES.get(code, "internal")
+
+
+class Refused(RendezvousError):
+    """
+    The rendezvous refused our credentials: a request drew only unsigned
+    401s.  Anyone on the path could forge those, so this is a strong hint
+    (a wrong name or key), not proof; C{str()} says it in words.
+    """
+
+    def __init__(self, explanation: str = "the rendezvous refused our credentials") -> None:
+        super().__init__(UNAUTHORIZED, "Unauthorized")
+        self.args = (explanation,)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 class RendezvousClient(DatagramProtocol):
@@ -77,7 +94,7 @@ class RendezvousClient(DatagramProtocol):
         self._sequence = time.time_ns() // 1000
         self._transactions: Transactions[stun.Message] = Transactions(clock)
         self._incoming: OrderedDict[bytes, bytes | None] = OrderedDict()
-        self._last_hint = -HINT_INTERVAL
+        self._refusals: dict[bytes, int] = {}
         self.counters: Counter[str] = Counter()
 
     # -- requests ---------------------------------------------------------
@@ -123,6 +140,8 @@ class RendezvousClient(DatagramProtocol):
             if message.cls == MessageClass.SUCCESS:
                 return message
             code, reason = wire.error_of(message)
+            if code == UNAUTHORIZED:
+                raise Refused()
             if retries.get(code, 0) > 0 and self._follow(code, message):
                 left = {c: n - (c == code) for c, n in retries.items()}
                 return self._attempt(method, attributes, backoff, left)
@@ -186,7 +205,7 @@ class RendezvousClient(DatagramProtocol):
                 self._transactions.answer(message.transaction_id, message)
             else:
                 self.counters["dropped-unauthenticated"] += 1
-                self._hint(message)
+                self._refused(message)
         elif message.cls == MessageClass.REQUEST and message.method == Method.INCOMING:
             if not stun.verify_integrity_sha256(message, self._key):
                 self.counters["dropped-unauthenticated"] += 1
@@ -195,21 +214,26 @@ class RendezvousClient(DatagramProtocol):
         else:
             self.counters["dropped-unexpected"] += 1
 
-    def _hint(self, message: stun.Message) -> None:
+    def _refused(self, message: stun.Message) -> None:
         """
-        An unsigned 401 may be forged, so it changes nothing; but it is the
-        likeliest sign of a wrong name or key, so say so now and then.
+        An unsigned 401 to a request in flight.  It may be forged, so one
+        changes nothing; a second one for the same request, with nothing
+        signed in between, ends it as L{Refused}.
         """
-        if message.cls != MessageClass.ERROR or wire.error_of(message)[0] != 401:
+        if message.cls != MessageClass.ERROR or wire.error_of(message)[0] != UNAUTHORIZED:
             return
-        now = self._clock.seconds()
-        if now - self._last_hint >= HINT_INTERVAL:
-            self._last_hint = now
-            log.warn(
-                "the rendezvous refused our credentials: check that it lists agent {name} "
-                "with this agent's public key, and rendezvous_public_key here",
-                name=self.name,
-            )
+        transaction_id = message.transaction_id
+        self.counters["refused"] += 1
+        count = self._refusals.get(transaction_id, 0) + 1
+        if count < REFUSALS_TO_GIVE_UP:
+            if len(self._refusals) >= 64:
+                self._refusals = {
+                    t: n for t, n in self._refusals.items() if t in self._transactions
+                }
+            self._refusals[transaction_id] = count
+            return
+        self._refusals.pop(transaction_id, None)
+        self._transactions.answer(transaction_id, message)
 
     def _incoming_request(self, message: stun.Message, source: tuple[str, int]) -> None:
         transaction_id = message.transaction_id

@@ -21,6 +21,7 @@ from punchd.agent.control import (
 from punchd.agent.core import Agent
 from punchd.config import AgentConfig, load_agent_config, refuse_to_start
 from punchd.launch import DaemonService, configure, option_parameters
+from punchd.metrics import FunctionCollector, agent_metrics, metrics_service
 
 PROGRAM = "punch-agent"
 
@@ -95,4 +96,8 @@ def makeService(config: Options, reactor: Any = None) -> service.IService:
         agent, authorizer, connect_timeout=settings.connect_timeout, clock=reactor
     )
     ControlService(reactor, path, factory).setServiceParent(parent)
+    collector = FunctionCollector(lambda: agent_metrics(agent, factory.counters))
+    metrics = metrics_service(settings.metrics, PROGRAM, collector, reactor)
+    if metrics is not None:
+        metrics.setServiceParent(parent)
     return parent

@@ -40,6 +40,8 @@ NONCE_BUCKETS_VALID = 5
 BAD_SEQUENCE = 439
 #: How far ahead of the server's clock an agent's numbers may run.
 SEQUENCE_AHEAD = 3600.0
+#: Lines about refused requests: one per source address a minute, this many a minute in all.
+REFUSAL_LINES_PER_MINUTE = 10
 
 Address = tuple[str, int]
 
@@ -106,6 +108,47 @@ class Nonces:
         return hmac.compare_digest(nonce[4:], self._mac(bucket, address))
 
 
+class RefusalLog:
+    """
+    Says, now and then, that a request was refused and why: an agent whose
+    name or key is wrong learns nothing from an unsigned 401 it cannot
+    trust, so the admin needs this line.  Per source address (IP and port,
+    so that two agents behind one NAT are both named) at most once a
+    minute, and a few a minute in all, in constant memory (anyone can send
+    these); never a key or a signature.
+    """
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self._per_source = SourceLimiter(1 / 60, 1, clock.seconds)
+        rate = REFUSAL_LINES_PER_MINUTE
+        self._overall = SourceLimiter(rate / 60, rate, clock.seconds, slots=1)
+        self._unlogged = 0
+
+    def refused(self, source: Address, name: str | None, known: bool) -> None:
+        address = wire.format_address(source)
+        if not self._per_source.allow(address):
+            return
+        if not self._overall.allow(""):
+            self._unlogged += 1
+            return
+        if name is None:
+            why = "without a valid agent name"
+        elif not known:
+            why = f"as agent {name!r}, which is not in the peers file"
+        else:
+            why = (
+                f"as agent {name!r} with a bad signature (that agent's private key does not "
+                "match its public key in the peers file, or its rendezvous_public_key is not ours)"
+            )
+        unlogged, self._unlogged = self._unlogged, 0
+        log.warn(
+            "refused a request from {address} {why}{more}",
+            address=address,
+            why=why,
+            more=f" ({unlogged} other sources' refusals not logged)" if unlogged else "",
+        )
+
+
 @dataclass
 class AgentRequest:
     """
@@ -155,6 +198,7 @@ class Gate:
         self._send = send
         self._in_progress = in_progress
         self._nonces = Nonces(clock)
+        self._refusals = RefusalLog(clock)
         # One window per peer for the life of the process, not per
         # registration: a lapse must not reopen old sequence numbers.
         self._windows: dict[str, ReplayWindow] = {}
@@ -178,11 +222,16 @@ class Gate:
         try:
             name = wire.decode_name(message.get(Attr.USERNAME), "username")
         except wire.ProtocolError:
+            self._counters["refused-bad-username"] += 1
+            self._refusals.refused(source, None, False)
             self._unauthorized(message, source, size)
             return None
         entry = self.directory.entry(name)
         key = self.directory.key_for(name)
         if entry is None or key is None or not stun.verify_integrity_sha256(message, key):
+            reason = "unknown-name" if entry is None else "bad-signature"
+            self._counters["refused-" + reason] += 1
+            self._refusals.refused(source, name, entry is not None)
             self._unauthorized(message, source, size)
             return None
         return AgentRequest(name, entry, key, message, source, size)

@@ -218,6 +218,8 @@ class RendezvousProtocol(DatagramProtocol):
                 return
         except wire.ProtocolError as e:
             self.counters["bad-request"] += 1
+            if method == Method.CONNECT:
+                self.counters["introduction-" + wire.ERROR_NAMES.get(e.code, "bad-request")] += 1
             error = wire.error_attributes(e.code, e.reason)
             self._answer(request, request.sign(MessageClass.ERROR, error))
             return

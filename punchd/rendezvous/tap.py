@@ -24,6 +24,7 @@ from punchd.config import (
     refuse_to_start,
 )
 from punchd.launch import DaemonService, configure, option_parameters
+from punchd.metrics import FunctionCollector, metrics_service, rendezvous_metrics
 from punchd.relay import RelayService
 from punchd.rendezvous.limits import SourceLimiter
 from punchd.rendezvous.registry import MemoryRegistry
@@ -194,8 +195,14 @@ def makeService(config: Options, reactor: Any = None) -> service.IService:
         relay=relay,
         alternate_port=settings.alternate_port,
     )
-    parent = getattr(config, "parent", None)
-    return RendezvousService(settings, protocol, reactor, sock, parent, alternate)
+    parent = RendezvousService(
+        settings, protocol, reactor, sock, getattr(config, "parent", None), alternate
+    )
+    collector = FunctionCollector(lambda: rendezvous_metrics(protocol))
+    metrics = metrics_service(settings.metrics, PROGRAM, collector, reactor)
+    if metrics is not None:
+        metrics.setServiceParent(parent)
+    return parent
 
 
 def _bind_or_refuse(interface: str, port: int) -> socket.socket:
