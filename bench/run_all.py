@@ -25,6 +25,7 @@ MODULES: dict[str, bool] = {
     "bench_stun": False,
     "bench_tunnels": False,
     "bench_rendezvous": False,
+    "bench_relay": False,
     "bench_netlab": True,
 }
 

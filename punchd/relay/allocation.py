@@ -2,14 +2,17 @@
 One relayed tunnel: two relay ports, one per side, each forwarding what
 its side's bound address sends to the other side's bound address.
 
-The forwarding path is the relay's hot loop, so it is written for speed:
-a datagram from the bound address that does not start like a bind is
-sent on at once from the peer's socket; everything else takes the slow
-path through the service (binds, drops and their counters).
+Once both sides are bound, the fast path (L{punchd.relay.shortcut}) reads
+the bound addresses' datagrams on sockets of their own.  Until then, and
+wherever the fast path is unavailable, a relay port forwards a datagram
+from its bound address that does not start like a bind at once from the
+peer's socket; everything else takes the slow path through the service
+(binds, drops and their counters).
 """
 
 from __future__ import annotations
 
+import socket
 from collections import Counter
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -59,6 +62,14 @@ class SlowPath(Protocol):
     def received(self, port: RelayPort, data: bytes, source: Address) -> None: ...
 
 
+class Stoppable(Protocol):
+    """
+    What an allocation stops when it is freed (its fast path).
+    """
+
+    def stop(self) -> None: ...
+
+
 class RelayPort(DatagramProtocol):
     """
     One side's relay port.  C{bound} is the address that side's agent bound
@@ -76,14 +87,17 @@ class RelayPort(DatagramProtocol):
         self.peer: RelayPort | None = None
         self.listening: IListeningPort | None = None
         self._slow = slow
-        self._counters = slow.counters
+        self.counters = slow.counters
+        #: The port's socket, when the transport is a real one.
+        self.socket: socket.socket | None = None
         self.send: Callable[[bytes, Address], Any] = self._write
 
     def startProtocol(self) -> None:
         # The socket itself: the transport's address checks would cost as
         # much as the system call on every forwarded datagram.
         sock = getattr(self.transport, "socket", None)
-        if sock is not None:
+        if isinstance(sock, socket.socket):
+            self.socket = sock
             self.send = sock.sendto
 
     def _write(self, data: bytes, address: Address) -> None:
@@ -104,7 +118,7 @@ class RelayPort(DatagramProtocol):
         peer = self.peer
         assert peer is not None  # ports come in pairs
         target = peer.bound
-        counters = self._counters
+        counters = self.counters
         if target is None:
             counters["dropped-peer-unbound"] += 1
             return
@@ -149,6 +163,8 @@ class Allocation:
         self.active = False
         self.bucket = bucket
         self.freed = False
+        #: The fast path's sockets, once both sides are bound.
+        self.shortcuts: list[Stoppable] = []
 
     @property
     def names(self) -> tuple[str, str]:
@@ -168,6 +184,9 @@ class Allocation:
         finds no bound address and is dropped.
         """
         self.freed = True
+        for shortcut in self.shortcuts:
+            shortcut.stop()
+        self.shortcuts = []
         for side in self.sides:
             side.bound = None
             listening, side.listening = side.listening, None

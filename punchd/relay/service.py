@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from twisted.application import service
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IReactorFDSet, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -19,6 +19,7 @@ from punchd.relay.addresses import bindable, is_loopback_interface
 from punchd.relay.allocation import Address, Allocation, RelayPort, TokenBucket
 from punchd.relay.messages import Bind, bind_answer, parse_bind
 from punchd.relay.ports import NoPort, PortOpener, open_in_range, udp_opener
+from punchd.relay.shortcut import open_shortcuts
 
 __all__ = ["BIND_TIMEOUT", "SWEEP_INTERVAL", "RelayRefused", "RelayService"]
 
@@ -78,6 +79,8 @@ class RelayService(service.Service):
         self._allocations: dict[bytes, Allocation] = {}
         self._in_use: set[int] = set()
         self._per_agent: Counter[str] = Counter()
+        #: Where the fast path's sockets are read: the reactor, if C{clock} is one.
+        self._readers = clock if IReactorFDSet.providedBy(clock) else None
         self._sweeper = LoopingCall(self.sweep)
         self._sweeper.clock = clock
 
@@ -217,6 +220,8 @@ class RelayService(service.Service):
             self.counters["binds"] += 1
             if allocation.forwarding:
                 allocation.last_active = self.clock.seconds()
+                if self._readers is not None:
+                    allocation.shortcuts = list(open_shortcuts(allocation, self._readers))
             log.debug(
                 "relay {tunnel}: {name} bound {address}",
                 tunnel=allocation.tunnel_id.hex()[:8],
