@@ -27,6 +27,7 @@ MODULES: dict[str, bool] = {
     "bench_rendezvous": False,
     "bench_relay": False,
     "bench_netlab": True,
+    "bench_birthday": True,
 }
 
 
