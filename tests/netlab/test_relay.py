@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from netlab.demo import Program, punchctl
 from netlab.lab import RENDEZVOUS_ADDRESS, Lab
 from netlab.scenarios import World
 
@@ -73,5 +74,38 @@ def test_a_relayed_tunnel_is_set_up_under_ten_percent_loss(lab: Lab) -> None:
         assert outcome.ok, outcome.message
         assert outcome.path == "relay"
         assert outcome.exchanged == 50
+    finally:
+        world.close()
+
+
+def test_a_relayed_tunnel_outlives_both_agents(lab: Lab) -> None:
+    world = World(lab)
+    try:
+        world.add("conea", "cone")
+        world.add("syma", "symmetric")
+        world.start()
+        sockets = {name: a.socket_path for name, a in world.deployment.agents.items()}
+        bob = Program(
+            "syma1", punchctl(sockets["syma1"], "listen", "chat"), world.hosts["syma1"].run
+        )
+        alice = Program(
+            "conea1",
+            punchctl(sockets["conea1"], "connect", "syma1", "chat"),
+            world.hosts["conea1"].run,
+        )
+        try:
+            assert "via relay" in alice.expect(alice.err, "connected to", timeout=30)
+            bob.expect(bob.err, "connected to")
+            alice.type("before")
+            bob.expect(bob.out, "before")
+            world.deployment.stop_agent("conea1")
+            world.deployment.stop_agent("syma1")
+            alice.type("after both agents stopped")
+            bob.expect(bob.out, "after both agents stopped")
+            bob.type("and back")
+            alice.expect(alice.out, "and back")
+        finally:
+            alice.finish()
+            bob.finish()
     finally:
         world.close()
