@@ -65,10 +65,6 @@ def parse_gather_answer(
         return None
     if transaction_id is not None and message.transaction_id != transaction_id:
         return None
-    value = message.get(Attr.XOR_MAPPED_ADDRESS)
-    if value is None or not stun.verify_integrity_sha256(message, key):
+    if not stun.verify_integrity_sha256(message, key):
         return None
-    try:
-        return stun.decode_xor_address(value, message.transaction_id)
-    except (stun.StunError, ValueError):
-        return None
+    return wire.mapped_address(message)

@@ -225,6 +225,19 @@ def decode_timestamp(message: stun.Message) -> float:
     return stun.decode_u64(value) / 1_000_000
 
 
+def mapped_address(message: stun.Message) -> tuple[str, int] | None:
+    """
+    The XOR-MAPPED-ADDRESS of an answer, if it has a well-formed one.
+    """
+    value = message.get(Attr.XOR_MAPPED_ADDRESS)
+    if value is None:
+        return None
+    try:
+        return stun.decode_xor_address(value, message.transaction_id)
+    except (stun.StunError, ValueError):
+        return None
+
+
 def error_attributes(code: int, reason: str | None = None) -> list[tuple[int, bytes]]:
     return [(Attr.ERROR_CODE, stun.encode_error_code(code, reason or REASONS.get(code, "Error")))]
 

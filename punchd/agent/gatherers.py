@@ -12,11 +12,10 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from punchd import stun
-from punchd.agent.tunnel_messages import mapped_address
 from punchd.gather import build_gather_request, parse_gather_answer
 from punchd.relay.messages import build_bind, parse_bind_answer
 from punchd.stun import MessageClass, Method
-from punchd.wire import Candidate, CandidateKind
+from punchd.wire import Candidate, CandidateKind, mapped_address
 
 Address = tuple[str, int]
 

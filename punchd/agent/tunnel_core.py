@@ -26,10 +26,10 @@ from punchd.agent.birthday import BirthdayPlan, SocketBudget, Spray
 from punchd.agent.gatherers import ReflexiveGatherer, RelayBinder
 from punchd.agent.pairs import Address, Pair, Pairs
 from punchd.agent.portmap import Mapping, PortMapper
-from punchd.agent.tunnel_messages import TunnelSigner, mapped_address
+from punchd.agent.tunnel_messages import TunnelSigner
 from punchd.keys import PrivateKey, PublicKey
 from punchd.retransmit import Backoff, RequestTimedOut, Transactions
-from punchd.wire import MAX_CANDIDATES, Candidate, CandidateKind, format_address
+from punchd.wire import MAX_CANDIDATES, Candidate, CandidateKind, format_address, mapped_address
 
 if TYPE_CHECKING:
     from punchd.agent.roles import Role

@@ -90,16 +90,3 @@ class TunnelSigner:
         return message.cls == MessageClass.SUCCESS and stun.verify_integrity_sha256(
             message, self.key
         )
-
-
-def mapped_address(message: stun.Message) -> Address | None:
-    """
-    The XOR-MAPPED-ADDRESS of an answer, if it has a well-formed one.
-    """
-    value = message.get(Attr.XOR_MAPPED_ADDRESS)
-    if value is None:
-        return None
-    try:
-        return stun.decode_xor_address(value, message.transaction_id)
-    except stun.StunError:
-        return None

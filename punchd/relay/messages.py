@@ -105,10 +105,4 @@ def parse_bind_answer(message: stun.Message | bytes, key: bytes) -> tuple[str, i
         return None
     if not stun.verify_integrity_sha256(message, key):
         return None
-    value = message.get(Attr.XOR_MAPPED_ADDRESS)
-    if value is None:
-        return None
-    try:
-        return stun.decode_xor_address(value, message.transaction_id)
-    except stun.StunError:
-        return None
+    return wire.mapped_address(message)
