@@ -43,7 +43,7 @@ NODE_CHANNEL = PREFIX + "node:"
 
 HEARTBEAT = 1.0
 #: A node not heard from for this long is dead: its agents are offline.
-NODE_GRACE_MS = 5000
+NODE_GRACE_MS = 10_000
 #: Lifetime of a record in Redis: only a safety net, since a node releases
 #: its agents explicitly and a dead node's records are ignored and swept.
 RECORD_TTL_MS = 300_000
@@ -96,10 +96,14 @@ for i = 2, #ARGV do
 end
 return 1
 """,
-    # ARGV: node, grace.  Heartbeat, then sweep some of one dead node's agents.
+    # ARGV: node, grace.  Heartbeat, then sweep some of one dead node's
+    # agents.  -1 when this node had been taken for dead (its records may
+    # be gone): it must publish them again.
     "beat": _NOW_MS
     + """
+local mine = redis.call('ZSCORE', 'punchd:nodes', ARGV[1])
 redis.call('ZADD', 'punchd:nodes', now + tonumber(ARGV[2]), ARGV[1])
+if not mine or tonumber(mine) < now then return -1 end
 local dead = redis.call('ZRANGEBYSCORE', 'punchd:nodes', '-inf', now, 'LIMIT', 0, 1)[1]
 if not dead then return 0 end
 local names = redis.call('SPOP', 'punchd:members:' .. dead, 1000)
@@ -311,6 +315,7 @@ class RedisRegistry:
         self._claims.update(names)
         for name in names:
             self._synced[name] = now
+        # A first beat's -1 ("taken for dead") is moot: everything goes again.
         beat = protocol.command(
             "EVALSHA", self._shas["beat"], 0, self.node, NODE_GRACE_MS
         ).addCallback(lambda _: protocol.command("SMEMBERS", MEMBERS + self.node))
@@ -374,6 +379,19 @@ class RedisRegistry:
         )
         return d.addErrback(self._failed, "claim", names)
 
+    def _beaten(self, result: int) -> None:
+        if result != -1:
+            return
+        # Our heartbeat stopped long enough for others to sweep our records
+        # (a reactor blocked, or a Redis restarted empty between two beats).
+        names = self._all_local()
+        log.warn(
+            "this node was taken for dead; publishing its {count} registrations again",
+            count=len(names),
+        )
+        self._claims.update(names)
+        self._schedule()
+
     def _refreshed(self, missing: list[bytes]) -> None:
         if missing:
             # Lost (an empty Redis that came back between two reconnections).
@@ -389,7 +407,8 @@ class RedisRegistry:
 
     def _beat(self) -> None:
         if self._client.ready:
-            self._script("beat", self.node, NODE_GRACE_MS).addErrback(self._failed, "heartbeat")
+            d = self._script("beat", self.node, NODE_GRACE_MS)
+            d.addCallbacks(self._beaten, self._failed, errbackArgs=("heartbeat",))
             self._flush()
         for tick in self.ticks:
             tick()

@@ -177,6 +177,9 @@ class RespProtocol(Protocol):
 
     def connectionMade(self) -> None:
         self.connected_ = True
+        if self.transport is not None:
+            # Pipelined commands go at once, not when Redis acknowledged the last.
+            self.transport.setTcpNoDelay(True)  # type: ignore[attr-defined]
 
     def command(self, *args: Arg) -> Deferred[Any]:
         if not self.connected_ or self.transport is None:
