@@ -396,7 +396,8 @@ def population(
                 results[node] = s
                 print(
                     f"  round {rnd + 1} {node}: sent {s.sent:,}, answered {s.answered:,}, "
-                    f"lost {100 * s.loss:.3f}%, node CPU {100 * s.server_cpu:.0f}%",
+                    f"lost {100 * s.loss:.3f}% (kernel drops: node {s.server_drops:,}, "
+                    f"generator {s.client_drops:,}), node CPU {100 * s.server_cpu:.0f}%",
                     flush=True,
                 )
         registered = int(client.execute("ZCARD", "punchd:net:default"))

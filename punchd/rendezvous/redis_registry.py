@@ -28,7 +28,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from punchd.rendezvous.registry import IRegistry, MemoryRegistry, Registration
-from punchd.rendezvous.resp import RedisClient, RespProtocol
+from punchd.rendezvous.resp import RedisClient, RedisUnavailable, RespProtocol
 
 log = Logger()
 
@@ -54,21 +54,30 @@ CLAIM_DELAY = 0.01
 _NOW_MS = "local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] / 1000) "
 
 SCRIPTS = {
-    # ARGV: node, ttl, then (name, host, port, network) per agent.
-    "claim": """
-local node, ttl = ARGV[1], ARGV[2]
-for i = 3, #ARGV, 4 do
+    # ARGV: node, ttl, then (name, host, port, network, age) per agent, age
+    # being how long ago (ms) the node last heard from it.  A record another
+    # node heard more recently stands: those names are returned.
+    "claim": _NOW_MS
+    + """
+local node, ttl, lost = ARGV[1], ARGV[2], {}
+for i = 3, #ARGV, 5 do
   local name, net = ARGV[i], ARGV[i + 3]
+  local seen = now - tonumber(ARGV[i + 4])
   local key = 'punchd:agent:' .. name
-  local old = redis.call('HMGET', key, 'node', 'network')
-  if old[2] and old[2] ~= net then redis.call('ZREM', 'punchd:net:' .. old[2], name) end
-  if old[1] and old[1] ~= node then redis.call('SREM', 'punchd:members:' .. old[1], name) end
-  redis.call('HSET', key, 'node', node, 'host', ARGV[i + 1], 'port', ARGV[i + 2], 'network', net)
-  redis.call('PEXPIRE', key, ttl)
-  redis.call('ZADD', 'punchd:net:' .. net, 0, name)
-  redis.call('SADD', 'punchd:members:' .. node, name)
+  local old = redis.call('HMGET', key, 'node', 'network', 'seen')
+  if old[1] and old[1] ~= node and tonumber(old[3] or 0) > seen then
+    lost[#lost + 1] = name
+  else
+    if old[2] and old[2] ~= net then redis.call('ZREM', 'punchd:net:' .. old[2], name) end
+    if old[1] and old[1] ~= node then redis.call('SREM', 'punchd:members:' .. old[1], name) end
+    redis.call('HSET', key, 'node', node, 'host', ARGV[i + 1], 'port', ARGV[i + 2],
+      'network', net, 'seen', seen)
+    redis.call('PEXPIRE', key, ttl)
+    redis.call('ZADD', 'punchd:net:' .. net, 0, name)
+    redis.call('SADD', 'punchd:members:' .. node, name)
+  end
 end
-return 1
+return lost
 """,
     # ARGV: node, ttl, names; returns the names whose record is not ours.
     "refresh": """
@@ -229,8 +238,17 @@ class RedisRegistry:
         return self.local.online(network, now)
 
     def page(self, network: str, after: str, count: int, now: float) -> Deferred[list[str]]:
+        """
+        The service's agents; only this node's own while Redis is unreachable.
+        """
         d = self._script("page", network, after, count)
-        return d.addCallback(lambda names: [_text(n) for n in names])
+        d.addCallback(lambda names: [_text(n) for n in names])
+
+        def alone(failure: Failure) -> Deferred[list[str]]:
+            failure.trap(RedisUnavailable)
+            return self.local.page(network, after, count, now)
+
+        return d.addErrback(alone)
 
     def remove(self, name: str) -> None:
         if self.local.lookup(name, self._clock.seconds()) is not None:
@@ -372,12 +390,21 @@ class RedisRegistry:
             registration = self.local.lookup(name, now)
             assert registration is not None
             host, port = registration.address
-            args += [name, host, port, registration.network]
+            age = max(0, int((now - registration.refreshed) * 1000))
+            args += [name, host, port, registration.network, age]
         d = self._script("claim", *args)
-        d.addCallback(
-            lambda _: self._client.execute("PUBLISH", CLAIMS, "\n".join([self.node, *names]))
-        )
+        d.addCallback(self._claimed, names)
         return d.addErrback(self._failed, "claim", names)
+
+    def _claimed(self, lost: list[bytes], names: list[str]) -> Deferred[Any]:
+        """
+        Tell the other nodes; forget the agents another node heard from since.
+        """
+        gone = {_text(n) for n in lost}
+        for name in self.forget_moved(gone):
+            log.info("agent {peer} registered elsewhere since", peer=name)
+        won = [n for n in names if n not in gone]
+        return self._client.execute("PUBLISH", CLAIMS, "\n".join([self.node, *won]))
 
     def _beaten(self, result: int) -> None:
         if result != -1:

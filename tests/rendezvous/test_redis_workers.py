@@ -20,7 +20,7 @@ from punchd.keys import PrivateKey, write_private_key
 from punchd.rendezvous import directory
 from punchd.rendezvous.resp import RedisError, encode, parse, parse_url
 from tests.rendezvous.redis_helpers import RedisServer, Service, wait_for
-from tests.rendezvous.test_redis_cluster import check_tunnel, peer_names
+from tests.rendezvous.test_redis_cluster import check_tunnel, peer_names, wait_peers
 
 
 def run_directory(service: Service, *args: str) -> subprocess.CompletedProcess[str]:
@@ -71,7 +71,7 @@ def test_two_workers_share_the_port_and_introduce_across_each_other(service: Ser
     redis = service.redis.client()
     wait_for(lambda: redis.execute("ZCARD", "punchd:nodes") == 2, 30, "both workers' heartbeats")
     assert "worker 1 started" in service.tail("big")
-    assert peer_names(d, "alice") == ["bob", "carol", "erin"]
+    wait_peers(d, "alice", ["bob", "carol", "erin"])
     for initiator, target in [
         ("alice", "bob"),
         ("bob", "carol"),
