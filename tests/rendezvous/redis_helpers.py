@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from netlab import child_env
 from netlab.deployment import Deployment, free_udp_port
@@ -41,16 +42,26 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
     raise TimeoutError(f"timed out waiting for {what}")
 
 
+Launch = Callable[..., "subprocess.Popen[bytes]"]
+
+
+def local_launch(argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(argv, **kwargs)
+
+
 @dataclass
 class RedisServer:
     """
-    redis-server on a free loopback port, with a password, no persistence.
+    redis-server on a free loopback port (or C{host}, inside the NAT lab
+    through C{launch}), with a password, no persistence.
     """
 
     root: Path
     port: int = 0
     password: str | None = PASSWORD
     process: subprocess.Popen[bytes] | None = None
+    host: str = "127.0.0.1"
+    launch: Launch = local_launch
 
     def __post_init__(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -62,34 +73,30 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis://{self.host}:{self.port}/0"
 
     @property
     def address(self) -> RedisAddress:
-        return RedisAddress("127.0.0.1", self.port, 0, None, self.password)
+        return RedisAddress(self.host, self.port, 0, None, self.password)
 
     def start(self) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
-        argv = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+        argv = [binary, "--port", str(self.port), "--bind", self.host, "--save", ""]
         argv += ["--appendonly", "no", "--dir", str(self.root), "--daemonize", "no"]
         if self.password:
             argv += ["--requirepass", self.password]
-        log = open(self.root / "redis.log", "ab")
+        log = self.root / "redis.log"
+        seen = log.read_text().count("Ready to accept") if log.exists() else 0
+        out = open(log, "ab")
         try:
-            self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+            self.process = self.launch(argv, stdout=out, stderr=subprocess.STDOUT)
         finally:
-            log.close()
-        wait_for(self._answers, 20, "redis-server to start")
-
-    def _answers(self) -> bool:
-        try:
-            client = BlockingRedis(self.address, timeout=1)
-        except (OSError, Exception):
-            return False
-        client.close()
-        return True
+            out.close()
+        wait_for(
+            lambda: log.read_text().count("Ready to accept") > seen, 20, "redis-server to start"
+        )
 
     def client(self) -> BlockingRedis:
         return BlockingRedis(self.address)
@@ -112,6 +119,7 @@ class Node:
     config: Path
     log: Path
     process: subprocess.Popen[bytes] | None = None
+    host: str = "127.0.0.1"
 
 
 @dataclass
@@ -125,12 +133,19 @@ class Service:
     redis: RedisServer
     nodes: dict[str, Node] = field(default_factory=dict)
 
-    def add_node(self, name: str, workers: int = 1, directory: str = "file") -> Node:
-        port = free_udp_port()
+    def add_node(
+        self,
+        name: str,
+        workers: int = 1,
+        directory: str = "file",
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ) -> Node:
+        port = port or free_udp_port()
         config = self.deployment.root / f"{name}.toml"
         config.write_text(
             f"port = {port}\n"
-            'interface = "127.0.0.1"\n'
+            f'interface = "{host}"\n'
             'private_key = "rendezvous.key"\n'
             'peers = "peers.toml"\n'
             "binding_rate = 0.0\n"
@@ -139,7 +154,7 @@ class Service:
             f"workers = {workers}\n"
             f'directory = "{directory}"\n'
         )
-        node = Node(name, port, config, self.deployment.root / f"{name}.log")
+        node = Node(name, port, config, self.deployment.root / f"{name}.log", host=host)
         self.nodes[name] = node
         return node
 
@@ -149,7 +164,7 @@ class Service:
         """
         handle = self.deployment.agents[agent]
         addresses = ", ".join(
-            f'"{format_address(("127.0.0.1", self.nodes[n].port))}"' for n in nodes
+            f'"{format_address((self.nodes[n].host, self.nodes[n].port))}"' for n in nodes
         )
         lines = [
             f"rendezvous = [{addresses}]" if line.startswith("rendezvous = ") else line
@@ -157,11 +172,11 @@ class Service:
         ]
         handle.config.write_text("\n".join(lines) + "\n")
 
-    def start_node(self, name: str, wait: float = 60.0) -> None:
+    def start_node(self, name: str, wait: float = 60.0, launch: Launch = local_launch) -> None:
         node = self.nodes[name]
         out = open(node.log, "ab")
         try:
-            node.process = subprocess.Popen(
+            node.process = launch(
                 [*TWIST, "rendezvous", "--config", node.config.name],
                 cwd=str(self.deployment.root),
                 stdout=out,
