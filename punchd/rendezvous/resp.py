@@ -173,16 +173,16 @@ class RespProtocol(Protocol):
         self._waiting: deque[Deferred[Any]] = deque()
         self._on_push = on_push
         self.lost: Deferred[None] = Deferred()
-        self.connected_ = False
+        self._open = False
 
     def connectionMade(self) -> None:
-        self.connected_ = True
+        self._open = True
         if self.transport is not None:
             # Pipelined commands go at once, not when Redis acknowledged the last.
             self.transport.setTcpNoDelay(True)  # type: ignore[attr-defined]
 
     def command(self, *args: Arg) -> Deferred[Any]:
-        if not self.connected_ or self.transport is None:
+        if not self._open or self.transport is None:
             return fail(RedisUnavailable("not connected to Redis"))
         d: Deferred[Any] = Deferred()
         self._waiting.append(d)
@@ -224,7 +224,7 @@ class RespProtocol(Protocol):
             d.callback(value)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
-        self.connected_ = False
+        self._open = False
         waiting, self._waiting = self._waiting, deque()
         for d in waiting:
             d.errback(RedisUnavailable("the connection to Redis was lost"))
