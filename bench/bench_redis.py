@@ -267,6 +267,52 @@ def two_workers(
 # -- a simulated population ----------------------------------------------------------
 
 
+def one_node(
+    root: Path, redis: RedisServer, generator: Generator, count: int, registry: str
+) -> None:
+    """
+    C{count} agents (a peers file) kept alive at 20 s by one rendezvous
+    process, in memory or on Redis: the same load, one after the other.
+    """
+    d = Deployment(root / f"one-{registry}", binding_rate=0)
+    try:
+        agents = write_peers(d.root, count)
+        if registry == "redis":
+            redis.client().execute("FLUSHDB")
+            with open(d.root / "rendezvous.toml", "a") as f:
+                f.write(f'registry = "{redis.url}"\n')
+                f.write(f'redis_password_file = "{redis.password_file}"\n')
+        d.start_rendezvous(wait=120)
+        assert d.rendezvous_process is not None
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            keepalives = Keepalives(d, agents, sock)
+            keepalives.fetch_nonce()
+            target = Target(
+                registry, (d.rendezvous_host, d.rendezvous_port), d.rendezvous_process.pid
+            )
+            slow = Generator(generator.binary, generator.cpu, KEEPALIVE)
+            for rnd in range(2):
+                run_id = os.urandom(4)
+                records = keepalives.records(count, run_id, root / "one.records")
+                step = slow.run(
+                    target,
+                    int(count / KEEPALIVE),
+                    sock=sock,
+                    records=records,
+                    run_id=run_id,
+                    expect=REGISTER_SUCCESS,
+                )
+                print(
+                    f"  {registry:<6} round {rnd + 1}: {count:,} agents, lost "
+                    f"{100 * step.loss:.3f}%, process CPU {100 * step.server_cpu:.0f}%, "
+                    f"RSS {rss_mib(d.rendezvous_process.pid):.0f} MiB",
+                    flush=True,
+                )
+    finally:
+        d.close()
+
+
 class SimAgent:
     """
     Signed requests by hand, as an agent makes them, from a shared socket.
@@ -597,6 +643,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                             f"  {rate:>7,}/s offered: {answered:>8,.0f} answered/s, "
                             f"{100 * loss:.2f}% lost, {per_cpu:,.0f} per CPU-second"
                         )
+                half = count // 2
+                print(f"\n{half:,} agents on one process, memory vs Redis registry:")
+                for registry in ("memory", "redis"):
+                    one_node(root, redis, generator, half, registry)
                 print(f"\nA population of {count:,} agents on two nodes:")
                 population(root, redis, generator, count, args.rounds)
     finally:
