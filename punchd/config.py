@@ -295,6 +295,68 @@ def _port_range(value: Any, place: Place) -> str:
     return f"{low}-{high}"
 
 
+def _registry(value: Any, place: Place) -> str:
+    """
+    C{"memory"}, or C{"redis://HOST:PORT/DB"} (credentials never in it).
+    """
+    from punchd.rendezvous.resp import parse_url
+
+    if value == "memory":
+        return "memory"
+    if not isinstance(value, str):
+        raise Invalid(f'must be "memory" or "redis://HOST:PORT/DB", got {show(value)}')
+    try:
+        parse_url(value)
+    except ValueError as e:
+        raise Invalid(str(e)) from None
+    return value
+
+
+def _optional_path(value: Any, place: Place) -> str:
+    if value == "":
+        return ""
+    path: str = checks.path(value, place)
+    return path
+
+
+class Servers(tuple[str, int]):
+    """
+    The agent's C{rendezvous}: the first address, as the C{(host, port)}
+    everyone uses, carrying the service's other nodes in C{fallbacks}.
+    """
+
+    fallbacks: tuple[tuple[str, int], ...]
+
+    def __new__(
+        cls, first: tuple[str, int], fallbacks: tuple[tuple[str, int], ...] = ()
+    ) -> Servers:
+        self = super().__new__(cls, first)
+        self.fallbacks = fallbacks
+        return self
+
+    @property
+    def all(self) -> tuple[tuple[str, int], ...]:
+        return ((self[0], self[1]), *self.fallbacks)
+
+
+def _addresses(value: Any, place: Place) -> Servers:
+    """
+    One rendezvous address, or a non-empty list of them (one service's
+    nodes, tried in turn).
+    """
+    if isinstance(value, str):
+        return Servers(checks.address(value, place))
+    if not isinstance(value, list) or not value:
+        raise Invalid(f'must be "host:port" or a list of them, got {show(value)}')
+    found = []
+    for i, item in enumerate(value):
+        try:
+            found.append(checks.address(item, place))
+        except Invalid as e:
+            raise Invalid(f"item {i + 1}: {e}") from None
+    return Servers(found[0], tuple(found[1:]))
+
+
 _LOG_FORMAT_HELP = "Log lines as text for people, or json (one object per line) for collectors."
 _METRICS_HELP = (
     'Serve Prometheus metrics at http://IP:PORT/metrics, for example "127.0.0.1:9478"; "" for none.'
@@ -424,6 +486,31 @@ class RendezvousConfig:
     # -- metrics --
     metrics: str = setting(_metrics_address, _METRICS_HELP, default="")
 
+    # -- scale-out --
+    registry: str = setting(
+        _registry,
+        'Where registrations live: "memory" (one process), or "redis://HOST:PORT/DB",'
+        " shared by every node of the service.",
+        default="memory",
+    )
+    redis_password_file: str = setting(
+        _optional_path,
+        'File holding Redis\'s password, or USERNAME:PASSWORD for an ACL user; "" for none.',
+        default="",
+    )
+    workers: int = setting(
+        checks.integer(1, 256),
+        "Processes serving the one UDP port (SO_REUSEPORT); more than 1 needs a redis registry.",
+        default=1,
+        from_text=checks.int_text,
+    )
+    directory: str = setting(
+        checks.choice("file", "redis"),
+        'Where agents\' keys live: "file" (the peers file), or "redis" (the peers file'
+        " plus what punchd.rendezvous.directory put in the registry's Redis).",
+        default="file",
+    )
+
 
 @_config_class
 class AgentConfig:
@@ -437,7 +524,11 @@ class AgentConfig:
         short="k",
     )
     rendezvous: tuple[str, int] = setting(
-        checks.address, "The rendezvous server, host:port or [IPv6]:port.", short="r"
+        _addresses,
+        "The rendezvous server, host:port or [IPv6]:port; or a list of a service's nodes"
+        " (comma-separated on the command line), tried in turn when one falls silent.",
+        short="r",
+        from_text=lambda text: checks.list_text(text) if "," in text else text,
     )
     rendezvous_public_key: PublicKey = setting(
         checks.public_key, "The rendezvous server's public key, base64."
@@ -645,6 +736,15 @@ def load_rendezvous_config(
     key and peers files included.
     """
     merged = _merge(path, overrides, RendezvousConfig)
+    if merged.values.get("workers", 1) > 1 and merged.values.get("registry", "memory") == "memory":
+        raise ConfigError(f'{merged.where["workers"]}: workers > 1 needs registry = "redis://..."')
+    if (
+        merged.values.get("directory") == "redis"
+        and merged.values.get("registry", "memory") == "memory"
+    ):
+        raise ConfigError(
+            f'{merged.where["directory"]}: directory = "redis" needs a redis registry'
+        )
     peers_path = merged.values["peers_path"]
     return RendezvousConfig(
         **merged.values,

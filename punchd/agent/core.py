@@ -99,11 +99,16 @@ class Agent:
             self._tunnel_mapper,
             self._hard_nat,
         )
+        # A service of several nodes: the next when the current falls silent.
+        self._servers: tuple[tuple[str, int], ...] = getattr(
+            settings.rendezvous, "all", (settings.rendezvous,)
+        )
+        self._server = 0
         self.registration_core = RegistrationCore(
             clock=reactor,
             attempt=self._register_once,
             keepalive=settings.keepalive,
-            server=lambda: format_address(settings.rendezvous),
+            server=lambda: format_address(self.rendezvous),
         )
         self.registration = build_registration_machine(self.registration_core)
         self.refusal = refusal_text(settings)
@@ -123,6 +128,13 @@ class Agent:
         )
         self._port: IListeningPort | None = None
         self.started_at = reactor.seconds()
+
+    @property
+    def rendezvous(self) -> tuple[str, int]:
+        """
+        The rendezvous address in use (one of C{rendezvous}'s list).
+        """
+        return self._servers[self._server]
 
     # -- life cycle -------------------------------------------------------
 
@@ -176,7 +188,7 @@ class Agent:
         return signed_off.addBoth(close)
 
     def _resolve(self) -> Deferred[tuple[str, int]]:
-        host, port = self.settings.rendezvous
+        host, port = self.rendezvous
         try:
             ipaddress.ip_address(host)
         except ValueError:
@@ -185,6 +197,10 @@ class Agent:
         return succeed((host, port))
 
     def _register_once(self) -> Deferred[Registered]:
+        if self.registration_core.failures and len(self._servers) > 1:
+            self._server = (self._server + 1) % len(self._servers)
+            log.info("trying rendezvous {server}", server=format_address(self.rendezvous))
+
         def resolved(server: tuple[str, int]) -> Deferred[stun.Message]:
             self.client.server = wire.normalize_address(server)
             lifetime = int(self.settings.keepalive * 3 + 5)
@@ -229,7 +245,7 @@ class Agent:
         return {
             "name": self.settings.name,
             "registration": self.registration.describe(),
-            "rendezvous": format_address(self.settings.rendezvous),
+            "rendezvous": format_address(self.rendezvous),
             "rendezvous_address": format_address(self.client.server)
             if self.client.server
             else None,
@@ -284,7 +300,7 @@ class Agent:
             return Failure(
                 TunnelFailed(
                     "timeout",
-                    f"the rendezvous {format_address(self.settings.rendezvous)} did not answer",
+                    f"the rendezvous {format_address(self.rendezvous)} did not answer",
                 )
             )
         return failure

@@ -8,7 +8,9 @@ L{Introductions}'.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -28,6 +30,28 @@ log = Logger()
 Address = tuple[str, int]
 Attributes = list[tuple[int, bytes]]
 
+#: Answered to a Connect for a target on another node while that node
+#: cannot be reached (the service's Redis is down).
+UNAVAILABLE = 503
+
+
+class Remote(Protocol):
+    """
+    The other nodes of a rendezvous service (L{punchd.rendezvous.cluster}).
+    """
+
+    def locate(self, name: str) -> Deferred[str | None]:
+        "The other node holding C{name}, or None."
+
+    def forward(self, target: str, datagram: bytes) -> None:
+        "Send an Incoming to C{target} through the node holding it."
+
+    def heard_from(self, target: str) -> None:
+        "C{target} refreshed here: resend what other nodes asked us to deliver."
+
+    def answer(self, message: stun.Message) -> bool:
+        "An Incoming answer for another node's introduction: True if it was."
+
 
 class Introducer:
     """
@@ -46,9 +70,11 @@ class Introducer:
         send: Callable[[bytes, Address], None],
         clock: IReactorTime,
         relay: RelayService | None = None,
+        remote: Remote | None = None,
     ) -> None:
         self._clock = clock
         self._relay = relay
+        self._remote = remote
         self._directory = directory
         self._registry = registry
         self._introductions = introductions
@@ -56,9 +82,12 @@ class Introducer:
         self._counters = counters
         self._send = send
 
-    def _target_of(self, request: AgentRequest, now: float) -> tuple[str, Registration, bytes]:
+    def _target_of(
+        self, request: AgentRequest, now: float
+    ) -> tuple[str, Registration | None, bytes]:
         """
-        The target of a Connect, its registration and key; or L{wire.ProtocolError}.
+        The target of a Connect, its registration here (None when it is
+        registered on another node) and key; or L{wire.ProtocolError}.
         """
         target = wire.decode_name(request.message.get(Attr.PEER), "peer")
         if target == request.name:
@@ -69,7 +98,7 @@ class Introducer:
             raise wire.ProtocolError(404, "Peer Unknown")
         registration = self._registry.lookup(target, now)
         key = directory.key_for(target)
-        if registration is None or key is None:
+        if key is None or (registration is None and self._remote is None):
             raise wire.ProtocolError(480, "Peer Offline")
         if not self._introductions.has_room(request.name, target):
             self._counters["busy"] += 1
@@ -80,8 +109,54 @@ class Introducer:
         """
         Forward a Connect to its target; L{wire.ProtocolError} if it cannot be.
         """
-        message = request.message
         target, registration, target_key = self._target_of(request, now)
+        if registration is None and self._remote is not None:
+            self._connect_remote(request, target, target_key, self._remote)
+            return
+        self._introduce(request, target, registration, target_key)
+
+    def _connect_remote(
+        self, request: AgentRequest, target: str, target_key: bytes, remote: Remote
+    ) -> None:
+        """
+        The target is not registered here: introduce it through its node.
+        """
+
+        def located(node: str | None) -> None:
+            if node is None:
+                self._refuse(request, 480, "Peer Offline")
+                return
+            try:
+                self._introduce(request, target, None, target_key)
+            except wire.ProtocolError as e:
+                self._counters["bad-request"] += 1
+                self._refuse(request, e.code, e.reason)
+
+        def unavailable(failure: Failure) -> None:
+            self._counters["introduction-unavailable"] += 1
+            log.warn(
+                "cannot introduce {initiator} to {target} on another node: {error}",
+                initiator=request.name,
+                target=target,
+                error=failure.getErrorMessage(),
+            )
+            self._refuse(request, UNAVAILABLE, "Other Rendezvous Nodes Unreachable")
+
+        remote.locate(target).addCallbacks(located, unavailable)
+
+    def _refuse(self, request: AgentRequest, code: int, reason: str) -> None:
+        answer = request.sign(MessageClass.ERROR, wire.error_attributes(code, reason))
+        self._answers.remember(request.name, request.transaction_id, request.source, answer)
+        self._send(answer, request.source)
+
+    def _introduce(
+        self,
+        request: AgentRequest,
+        target: str,
+        registration: Registration | None,
+        target_key: bytes,
+    ) -> None:
+        message = request.message
         service = wire.decode_name(message.get(Attr.SERVICE), "service")
         tunnel_id = wire.decode_tunnel_id(message)
         candidates = wire.decode_candidates(message)
@@ -89,7 +164,9 @@ class Introducer:
             request.name, request.source, request.transaction_id, target, request.key
         )
         introduction.tunnel_id = tunnel_id
-        if message.has(Attr.RELAY):
+        if message.has(Attr.RELAY) and registration is not None:
+            # Only for a target of this node: the relay runs on the host the
+            # target's agent talks to.
             introduction.relay_ports = self._allocate(tunnel_id, request.name, target)
         incoming_id = introduction.incoming_id
         forwarded = wire.signed(
@@ -105,7 +182,7 @@ class Introducer:
                 *([(Attr.WAIT, b"")] if message.has(Attr.WAIT) else []),
                 *_flag(message, Attr.HARD_NAT),
                 *_relay_port(introduction, 1),
-                wire.timestamp(now),
+                wire.timestamp(self._clock.seconds()),
             ],
             target_key,
         )
@@ -116,16 +193,21 @@ class Introducer:
             service=service,
         )
         self._counters["introduction"] += 1
-        last_known = registration.address
+        last_known = None if registration is None else registration.address
 
         def send() -> None:
             # To wherever the target registered last: its NAT may have
-            # given it a new mapping since (L{heard_from}).
+            # given it a new mapping since (L{heard_from}), or it may have
+            # moved to another node of the service.
             nonlocal last_known
             current = self._registry.lookup(target, self._clock.seconds())
             if current is not None:
                 last_known = current.address
-            self._send(forwarded, last_known)
+            elif self._remote is not None:
+                self._remote.forward(target, forwarded)
+                return
+            if last_known is not None:
+                self._send(forwarded, last_known)
 
         d = self._introductions.begin(introduction, send)
         d.addCallbacks(
@@ -142,6 +224,8 @@ class Introducer:
         for introduction in self._introductions.waiting_for(target):
             self._counters["introduction-resent"] += 1
             self._introductions.resend(introduction)
+        if self._remote is not None:
+            self._remote.heard_from(target)
 
     def incoming_answer(self, message: stun.Message) -> None:
         """
@@ -149,7 +233,8 @@ class Introducer:
         """
         introduction = self._introductions.get(message.transaction_id)
         if introduction is None:
-            self._counters["dropped-unsolicited"] += 1
+            if self._remote is None or not self._remote.answer(message):
+                self._counters["dropped-unsolicited"] += 1
             return
         key = self._directory().key_for(introduction.target)
         if key is None or not stun.verify_integrity_sha256(message, key):
@@ -236,6 +321,8 @@ class Introducer:
         """
         now = self._clock.seconds()
         registration = self._registry.lookup(target, now)
+        if registration is None and self._remote is not None:
+            return f"{target}'s agent did not answer"
         if registration is None:
             return f"{target}'s agent went offline"
         silent = round(now - registration.refreshed)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from twisted.internet.defer import Deferred, succeed
 from zope.interface import Attribute, Interface, implementer
 
 REPLAY_WINDOW = 64
@@ -93,6 +94,12 @@ class IRegistry(Interface):
         Names registered in C{network}, sorted.
         """
 
+    def page(network: str, after: str, count: int, now: float) -> Deferred[list[str]]:
+        """
+        Up to C{count} names registered in C{network} (on any node of the
+        service), sorted, all after C{after}: one page of a peers list.
+        """
+
     def remove(name: str) -> None:
         """
         Forget C{name}.
@@ -142,6 +149,15 @@ class MemoryRegistry:
         return sorted(
             r.name for r in self._byName.values() if r.network == network and r.expires >= now
         )
+
+    def page(self, network: str, after: str, count: int, now: float) -> Deferred[list[str]]:
+        return succeed([n for n in self.online(network, now) if n > after][:count])
+
+    def names(self) -> list[str]:
+        """
+        Every name held, live or not yet expired.
+        """
+        return list(self._byName)
 
     def remove(self, name: str) -> None:
         self._byName.pop(name, None)

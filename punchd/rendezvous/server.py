@@ -22,13 +22,15 @@ from typing import Any
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from punchd import stun, wire
+from punchd.config import PeerEntry
 from punchd.relay import RelayService
 from punchd.rendezvous.answers import RecentAnswers
 from punchd.rendezvous.auth import AgentRequest, Directory, Gate
 from punchd.rendezvous.gathering import GATHER_BURST, GATHER_RATE, Gathers, looks_signed
-from punchd.rendezvous.introducer import Introducer
+from punchd.rendezvous.introducer import UNAVAILABLE, Introducer, Remote
 from punchd.rendezvous.introductions import Introductions
 from punchd.rendezvous.limits import Counters, SourceLimiter
 from punchd.rendezvous.registry import IRegistry
@@ -39,6 +41,9 @@ __all__ = ["AlternatePort", "Directory", "RendezvousProtocol"]
 log = Logger()
 
 PEERS_REPLY_BUDGET = 1100
+#: Names one peers page may hold at most (each costs at least 8 bytes),
+#: plus the asker's own name and one to tell whether there are more.
+PEERS_PAGE = PEERS_REPLY_BUDGET // 8 + 2
 MIN_LIFETIME = 10
 DEFAULT_LIFETIME = 60
 NOT_REGISTERED = 470
@@ -69,6 +74,7 @@ class RendezvousProtocol(DatagramProtocol):
         max_lifetime: int = 600,
         relay: RelayService | None = None,
         alternate_port: int = 0,
+        remote: Remote | None = None,
     ) -> None:
         self.relay = relay
         self.registry = registry
@@ -102,7 +108,8 @@ class RendezvousProtocol(DatagramProtocol):
             self.counters,
             self._send,
             clock,
-            relay,
+            relay=relay,
+            remote=remote,
         )
 
     @property
@@ -172,6 +179,18 @@ class RendezvousProtocol(DatagramProtocol):
             except OSError:
                 pass
 
+    def send(self, data: bytes, address: tuple[str, int]) -> None:
+        """
+        Send from this server's socket (for another node's introductions).
+        """
+        self._send(data, address)
+
+    def incoming_answer(self, message: stun.Message) -> None:
+        """
+        A target's answer to an Incoming, relayed by the node that holds it.
+        """
+        self._introducer.incoming_answer(message)
+
     def _send(self, data: bytes, address: tuple[str, int]) -> None:
         # Every address here came from recvfrom (directly or through the
         # registry), so the socket is used as is: the transport's checks of
@@ -212,7 +231,8 @@ class RendezvousProtocol(DatagramProtocol):
                 self._answer(request, request.sign(MessageClass.ERROR, attributes))
                 return
             elif method == Method.PEERS:
-                attributes = self._peers(request, now)
+                self._peers(request, now)
+                return
             else:
                 self._introducer.connect(request, now)
                 return
@@ -268,13 +288,36 @@ class RendezvousProtocol(DatagramProtocol):
         self._introducer.heard_from(name)
         return [mapped, (Attr.LIFETIME, stun.encode_u32(lifetime)), wire.timestamp(now), *extra]
 
-    def _peers(self, request: AgentRequest, now: float) -> list[tuple[int, bytes]]:
+    def _peers(self, request: AgentRequest, now: float) -> None:
+        """
+        Answer one page of the peers list, once the registry has it (at once
+        in memory; a Redis round trip for a service of several nodes).
+        """
         after_value = request.message.get(Attr.PEER)
         after = wire.decode_name(after_value, "peer") if after_value is not None else ""
+        d = self.registry.page(request.entry.network, after, PEERS_PAGE, now)
+
+        def listed(names: list[str]) -> None:
+            attributes = self._peer_attributes(request, names)
+            self._answer(request, request.sign(MessageClass.SUCCESS, attributes))
+
+        def failed(failure: Failure) -> None:
+            self.counters["peers-unavailable"] += 1
+            log.warn("cannot list peers: {error}", error=failure.getErrorMessage())
+            error = wire.error_attributes(UNAVAILABLE, "Peers List Unavailable")
+            self._answer(request, request.sign(MessageClass.ERROR, error))
+
+        d.addCallbacks(listed, failed)
+
+    def _peer_attributes(self, request: AgentRequest, names: list[str]) -> list[tuple[int, bytes]]:
+        directory = self.directory
         attributes: list[tuple[int, bytes]] = []
         budget = PEERS_REPLY_BUDGET
-        for other in self.registry.online(request.entry.network, now):
-            if other == request.name or other <= after:
+        for other in names:
+            # Only names of this network in our directory: nothing read from
+            # a shared registry shows an agent the directory does not know.
+            entry = directory.entry(other)
+            if other == request.name or entry is None or entry.network != request.entry.network:
                 continue
             encoded = other.encode("ascii")
             cost = 4 + (len(encoded) + 3) // 4 * 4
@@ -283,6 +326,9 @@ class RendezvousProtocol(DatagramProtocol):
                 break
             budget -= cost
             attributes.append((Attr.PEER, encoded))
+        else:
+            if len(names) >= PEERS_PAGE and attributes:
+                attributes.append((Attr.MORE, b""))  # the rest were not ours to show
         return attributes
 
     # -- housekeeping -----------------------------------------------------
@@ -304,15 +350,23 @@ class RendezvousProtocol(DatagramProtocol):
         old = self.directory
         self._gate.directory = directory
         for name in old.names():
-            before, after = old.entry(name), directory.entry(name)
-            if after != before:
-                if self.registry.lookup(name, now) is not None:
-                    log.info("agent {peer} dropped: peers file changed", peer=name)
-                self.registry.remove(name)
-                self.answers.forget(name)
-            if after is None:
-                self._gate.forget(name)
+            self.peer_changed(name, old.entry(name), directory.entry(name), now)
         log.info("peers file reloaded: {count} peers", count=len(directory.names()))
+
+    def peer_changed(
+        self, name: str, before: PeerEntry | None, after: PeerEntry | None, now: float
+    ) -> None:
+        """
+        One directory entry changed: an agent whose key or network changed,
+        or that left, is dropped (it registers again if it still may).
+        """
+        if after != before:
+            if self.registry.lookup(name, now) is not None:
+                log.info("agent {peer} dropped: peers file changed", peer=name)
+            self.registry.remove(name)
+            self.answers.forget(name)
+        if after is None:
+            self._gate.forget(name)
 
     def stop(self) -> None:
         self.introductions.cancel_all()

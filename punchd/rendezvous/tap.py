@@ -4,6 +4,7 @@ twistd plugin glue for the rendezvous: C{twistd -n rendezvous --config FILE}.
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 from collections.abc import Callable
@@ -17,17 +18,19 @@ from twisted.python import usage
 
 from punchd.config import (
     ConfigError,
+    PeerEntry,
     RendezvousConfig,
     load_peers,
     load_rendezvous_config,
     port_range,
     refuse_to_start,
 )
+from punchd.config import settings as settings_table
 from punchd.launch import DaemonService, configure, option_parameters
 from punchd.metrics import FunctionCollector, metrics_service, rendezvous_metrics
 from punchd.relay import RelayService
 from punchd.rendezvous.limits import SourceLimiter
-from punchd.rendezvous.registry import MemoryRegistry
+from punchd.rendezvous.registry import IRegistry, MemoryRegistry
 from punchd.rendezvous.server import AlternatePort, Directory, RendezvousProtocol
 
 log = Logger()
@@ -52,14 +55,17 @@ class Options(usage.Options):
         self["settings"] = configure(self, PROGRAM, RendezvousConfig, load_rendezvous_config)
 
 
-def bind_udp(interface: str, port: int) -> socket.socket:
+def bind_udp(interface: str, port: int, shared: bool = False) -> socket.socket:
     """
     The rendezvous's UDP socket, bound at once: C{""} is all IPv4
-    interfaces, as for Twisted's C{listenUDP}.
+    interfaces, as for Twisted's C{listenUDP}.  C{shared} lets the other
+    workers of this rendezvous bind the same port (SO_REUSEPORT).
     """
     family = socket.AF_INET6 if ":" in interface else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
+        if shared:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((interface, port))
     except OSError:
         sock.close()
@@ -108,12 +114,18 @@ class RendezvousService(DaemonService):
         sock: socket.socket,
         launcher: Any = None,
         alternate: socket.socket | None = None,
+        extra: list[service.IService] | None = None,
     ) -> None:
         super().__init__(settings.log_format, PROGRAM, launcher)
         self.settings = settings
         self.protocol = protocol
         self.relay = protocol.relay
         self._reactor = reactor
+        #: Called with a reloaded peers file instead of the plain reload.
+        self.peers_reloaded: Callable[[dict[str, PeerEntry]], None] | None = None
+        self.hangup_hooks: list[Callable[[], None]] = []
+        for child in extra or []:
+            child.setServiceParent(self)
         UDPService(sock, protocol, reactor).setServiceParent(self)
         if self.relay is not None:
             self.relay.setServiceParent(self)
@@ -142,10 +154,15 @@ class RendezvousService(DaemonService):
         Read the peers file again; keep agents still listed, drop the rest.
         A broken file is reported and the old list kept.
         """
+        for hook in self.hangup_hooks:
+            hook()
         try:
             peers = load_peers(self.settings.peers_path)
         except ConfigError as e:
             log.error("peers file not reloaded: {error}", error=str(e))
+            return
+        if self.peers_reloaded is not None:
+            self.peers_reloaded(peers)
             return
         self.protocol.reload(Directory(self.settings.private_key, peers))
 
@@ -169,24 +186,38 @@ def make_relay(
     )
 
 
-def makeService(config: Options, reactor: Any = None) -> service.IService:
+def makeService(config: Options, reactor: Any = None, worker: int = 0) -> service.IService:
+    """
+    The rendezvous; with C{workers} > 1, worker 0 of them, which starts the
+    others (C{worker} is the index of a worker process started so).
+    """
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
     settings: RendezvousConfig = config["settings"]
-    sock = _bind_or_refuse(settings.interface, settings.port)
+    shared = settings.workers > 1
+    sock = _bind_or_refuse(settings.interface, settings.port, shared)
     alternate = None
     if settings.alternate_port:
-        alternate = _bind_or_refuse(settings.interface, settings.alternate_port)
+        alternate = _bind_or_refuse(settings.interface, settings.alternate_port, shared)
     # Until startService installs the reload handler, a SIGHUP must not kill us.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     clock: IReactorTime = reactor
     burst = settings.binding_rate * 2
     relay = make_relay(settings, reactor, lambda name: protocol.directory.key_for(name))
+    registry: IRegistry = MemoryRegistry()
+    extra: list[service.IService] = []
+    node = None
+    if settings.registry != "memory":
+        from punchd.rendezvous.node import ServiceNode
+
+        node = ServiceNode(settings, reactor, worker)
+        registry = node.registry
+        extra.append(node)
     protocol = RendezvousProtocol(
         Directory(settings.private_key, settings.peers),
-        MemoryRegistry(),
+        registry,
         clock,
         binding_limiter=SourceLimiter(settings.binding_rate, burst, clock.seconds),
         error_limiter=SourceLimiter(5.0, 10.0, clock.seconds),
@@ -194,10 +225,22 @@ def makeService(config: Options, reactor: Any = None) -> service.IService:
         max_lifetime=settings.registration_lifetime,
         relay=relay,
         alternate_port=settings.alternate_port,
+        remote=None if node is None else node.cluster,
     )
-    parent = RendezvousService(
-        settings, protocol, reactor, sock, getattr(config, "parent", None), alternate
-    )
+    workers = None
+    if node is not None:
+        node.attach(protocol)
+        if worker == 0 and settings.workers > 1:
+            from punchd.rendezvous.workers import Workers
+
+            workers = Workers(settings.workers, worker_argv(config), reactor)
+            extra.append(workers)
+    launcher = getattr(config, "parent", None)
+    parent = RendezvousService(settings, protocol, reactor, sock, launcher, alternate, extra)
+    if workers is not None:
+        parent.hangup_hooks.append(workers.hangup)
+    if node is not None and node.directory is not None:
+        parent.peers_reloaded = node.directory.replace_file
     collector = FunctionCollector(lambda: rendezvous_metrics(protocol))
     metrics = metrics_service(settings.metrics, PROGRAM, collector, reactor)
     if metrics is not None:
@@ -205,9 +248,23 @@ def makeService(config: Options, reactor: Any = None) -> service.IService:
     return parent
 
 
-def _bind_or_refuse(interface: str, port: int) -> socket.socket:
+def _bind_or_refuse(interface: str, port: int, shared: bool = False) -> socket.socket:
     try:
-        return bind_udp(interface, port)
+        return bind_udp(interface, port, shared=shared)
     except OSError as e:
         where = f"[{interface}]" if ":" in interface else interface
         refuse_to_start(PROGRAM, f"cannot listen on UDP {where or '*'}:{port}: {e.strerror}")
+
+
+def worker_argv(config: Options) -> list[str]:
+    """
+    The options a worker process needs to load the same settings.
+    """
+    argv = []
+    if config["config"] is not None:
+        argv += ["--config", os.path.abspath(config["config"])]
+    for s in settings_table(RendezvousConfig).values():
+        value = config[s.option_name[2:]] if s.option else None
+        if value is not None:
+            argv += [s.option_name, str(value)]
+    return argv
