@@ -582,7 +582,7 @@ class AgentConfig:
         from_text=_flag_text,
     )
     hard_nat_sockets: int = setting(
-        checks.integer(0, 1024),
+        checks.integer(0, 512),
         "Sockets a tunnel opens when this agent's NAT maps per destination and the"
         " peer's does not (birthday probing); 0 turns birthday probing off.",
         default=256,

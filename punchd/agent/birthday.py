@@ -28,6 +28,11 @@ HARD_SIDE_BACKOFF = Backoff(initial=1.0, maximum=1.0, attempts=2)
 PROBE_BACKOFF = Backoff(initial=1.0, maximum=1.0, attempts=1)
 #: Birthday sockets all tunnels of one agent may hold at once.
 MAX_AGENT_SOCKETS = 512
+#: Birthday sprays one agent runs at once: a peer that claims a hard NAT
+#: must not turn this agent into a source of probes without bound.
+MAX_AGENT_SPRAYS = 2
+#: How long after the spray should have ended the hard side keeps its sockets.
+HARD_SIDE_MARGIN = 2.0
 
 
 @dataclass(frozen=True)

@@ -74,7 +74,10 @@ class RendezvousIntroducer:
             )
             raise TunnelFailed("unauthorized", f"{self.peer}'s key does not match the pinned key")
         try:
-            candidates = wire.decode_candidates(message)
+            # A relay candidate comes only from the rendezvous' RELAY-PORT.
+            candidates = [
+                c for c in wire.decode_candidates(message) if c.kind != CandidateKind.RELAY
+            ]
             relay = relay_candidate(message, self.client.server)
         except wire.ProtocolError as e:
             raise TunnelFailed("internal", f"bad candidates from the rendezvous: {e}") from None

@@ -55,6 +55,7 @@ class KeptMappings:
         """
         Renew C{mapping} at half its lifetime while its port is in use.
         """
+        self.drop(mapping.internal_port)  # the port's earlier tunnel is over
         renewed = [self.clock.seconds()]
 
         def check() -> None:

@@ -110,7 +110,7 @@ class Pairs:
         pair = self._pairs.get((local, source))
         if pair is not None:
             return pair
-        learned = sum(p.remote.kind == CandidateKind.PRFLX for p in self)
+        learned = sum(p.remote.kind == CandidateKind.PRFLX and not p.guess for p in self)
         if learned >= MAX_PEER_REFLEXIVE:
             return None
         return self.add(local, Candidate(CandidateKind.PRFLX, *source))

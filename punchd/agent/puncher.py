@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 
 from punchd import stun, wire
 from punchd.agent.api import HandOff, ProgressCallback, TunnelFailed
-from punchd.agent.birthday import BirthdayPlan, SocketBudget
+from punchd.agent.birthday import MAX_AGENT_SPRAYS, BirthdayPlan, SocketBudget
 from punchd.agent.gatherers import RelayBinder, SignedGather
 from punchd.agent.introducer import RendezvousIntroducer, relay_candidate
 from punchd.agent.mappings import KeptMappings
@@ -33,7 +33,9 @@ from punchd.agent.tunnel_socket import TunnelSocket
 from punchd.config import AgentConfig
 from punchd.keys import TUNNEL_ID_LENGTH
 from punchd.stun import Attr, MessageClass
-from punchd.wire import Candidate
+from punchd.wire import Candidate, CandidateKind
+
+RELAY = CandidateKind.RELAY
 
 log = Logger()
 
@@ -69,6 +71,8 @@ class Puncher:
         #: Whether our NAT maps per destination, as the last netcheck found.
         self._hard = hard
         self.birthday_sockets = SocketBudget()
+        #: Birthday sprays (the easy side's) this agent runs at once.
+        self.birthday_sprays = SocketBudget(MAX_AGENT_SPRAYS)
         self.birthday = (
             BirthdayPlan(
                 settings.hard_nat_sockets, settings.hard_nat_probe_rate, settings.hard_nat_budget
@@ -215,7 +219,14 @@ class Puncher:
             explain=explain,
         )
         tunnel = self._tunnel(
-            Initiator(introducer), peer, service, new_tunnel_id(), timeout, progress, budget
+            Initiator(introducer),
+            peer,
+            service,
+            new_tunnel_id(),
+            timeout,
+            progress,
+            budget,
+            hard=introducer.hard,
         )
         return tunnel.result
 
@@ -228,6 +239,7 @@ class Puncher:
         timeout: float,
         progress: ProgressCallback = lambda event: None,
         budget: float | None = None,
+        hard: bool = False,
     ) -> Tunnel:
         server = self.client.server
         tunnel = Tunnel(
@@ -245,7 +257,8 @@ class Puncher:
             port_mapper=self._port_mapper(),
             birthday=self.birthday,
             birthday_sockets=self.birthday_sockets,
-            hard=self._hard(),
+            birthday_sprays=self.birthday_sprays,
+            hard=hard,
             progress=progress,
             check_budget=budget,
         )
@@ -254,7 +267,6 @@ class Puncher:
         def done(result: object) -> object:
             self.tunnels.pop(tunnel_id, None)
             self._settle_mapping(tunnel, result)
-            self.birthday_sockets.give(tunnel.core.extra_sockets)
             if isinstance(result, Failure):
                 self.failed += 1
             else:
@@ -282,7 +294,8 @@ class Puncher:
             peer = wire.decode_name(message.get(Attr.PEER), "peer")
             service = wire.decode_name(message.get(Attr.SERVICE), "service")
             tunnel_id = wire.decode_tunnel_id(message)
-            candidates = wire.decode_candidates(message)
+            # A relay candidate comes only from the rendezvous' RELAY-PORT.
+            candidates = [c for c in wire.decode_candidates(message) if c.kind != RELAY]
             candidates += relay_candidate(message, self.client.server)
             peer_key = wire.decode_public_key(message)
             sent_at = wire.decode_timestamp(message)
@@ -319,7 +332,9 @@ class Puncher:
             peer_hard=message.has(Attr.HARD_NAT) and not message.has(Attr.WAIT),
         )
         hard = self._hard() and not message.has(Attr.WAIT)
-        tunnel = self._tunnel(role, peer, service, tunnel_id, self.settings.connect_timeout)
+        tunnel = self._tunnel(
+            role, peer, service, tunnel_id, self.settings.connect_timeout, hard=hard
+        )
         tunnel.result.addCallbacks(self._deliver(service), lambda f: None)
 
         def accept(ours: list[Candidate]) -> IncomingAnswer:

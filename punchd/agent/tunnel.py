@@ -23,7 +23,7 @@ from twisted.python.failure import Failure
 
 from punchd import stun, wire
 from punchd.agent.api import HandOff, ProgressCallback, TunnelFailed
-from punchd.agent.birthday import BirthdayPlan, SocketBudget
+from punchd.agent.birthday import HARD_SIDE_MARGIN, BirthdayPlan, SocketBudget
 from punchd.agent.checks import Checking, check
 from punchd.agent.gatherers import ReflexiveGatherer, RelayBinder
 from punchd.agent.pairs import Address, Pair
@@ -160,6 +160,10 @@ def start_checking(
         count=len(core.pairs),
         remotes=", ".join(str(p.remote) for p in core.pairs),
     )
+    if core.extra_sockets or spray is not None:
+        assert core.birthday is not None
+        # Past the spray's end no probe can still open a socket's path.
+        data.timers.later(core.birthday.duration + HARD_SIDE_MARGIN, core.end_birthday)
     if core.check_budget is not None:
         # This round may probe for so long (birthday probing takes longer);
         # the introduction had its own time.
@@ -196,7 +200,8 @@ def await_confirmation(m: TunnelInputs, core: TunnelCore, pair: Pair) -> StateDa
     core.chosen, core.chosen_at = pair, core.clock.seconds()
     core.io.close_extra(keep=pair.local)
     log.debug("tunnel {id}: the peer nominated {remote}", id=core.id_hex[:12], remote=pair.remote)
-    core.connect_chosen()
+    if not core.connect_chosen():
+        m.deadlineIsReached()  # hands off at once, which reports the error
     data.timers.later(QUIET, m.quietPeriodIsOver)
     return data
 
@@ -272,7 +277,9 @@ def build_tunnel_machine_factory() -> Callable[[TunnelCore], TunnelInputs]:
 
     @nominating.upon(TunnelInputs.nominationAnswered).to(lingering)
     def confirm(m: TunnelInputs, core: TunnelCore, data: StateData) -> None:
-        core.connect_chosen()
+        if not core.connect_chosen():
+            m.deadlineIsReached()  # hands off at once, which reports the error
+            return
         core.send_confirm()
         # Until the responder says it is done answering us (or this long).
         core.later(max(FINAL_WORD_WAIT, core.linger_time()), m.lingerIsOver)
@@ -408,6 +415,7 @@ class Tunnel:
         check_budget: float | None = None,
         birthday: BirthdayPlan | None = None,
         birthday_sockets: SocketBudget | None = None,
+        birthday_sprays: SocketBudget | None = None,
         hard: bool = False,
     ) -> None:
         self._factory = sockets
@@ -430,6 +438,7 @@ class Tunnel:
             port_mapper=port_mapper,
             birthday=birthday,
             birthday_sockets=birthday_sockets,
+            birthday_sprays=birthday_sprays,
             hard=hard,
             progress=progress,
             result=self.result,

@@ -150,6 +150,7 @@ class TunnelCore:
     #: Birthday probing's settings (None: off) and the agent's socket budget.
     birthday: BirthdayPlan | None
     birthday_sockets: SocketBudget | None
+    birthday_sprays: SocketBudget | None
     #: Our NAT maps per destination (netcheck said so).
     hard: bool
     progress: ProgressCallback
@@ -179,6 +180,8 @@ class TunnelCore:
     done_answering: bool = False
     #: Birthday sockets this tunnel holds of the agent's budget.
     extra_sockets: int = 0
+    #: This tunnel holds one of the agent's birthday sprays.
+    spraying: bool = False
     deadline: IDelayedCall | None = None
     state: StateData | None = None
     checks: Transactions[tuple[stun.Message, Address]] = field(init=False)
@@ -212,6 +215,7 @@ class TunnelCore:
         self.state.timers.later(delay, f)
 
     def end(self) -> None:
+        self.end_birthday()
         if self.state is not None:
             self.state.stop()
             self.state = None
@@ -355,6 +359,11 @@ class TunnelCore:
             side="hard" if self.hard else "easy",
         )
         if not self.hard:
+            sprays = self.birthday_sprays
+            if sprays is None or not sprays.take(1):
+                log.info("tunnel {id}: this agent sprays enough already", id=self.id_hex[:12])
+                return None
+            self.spraying = True
             batch = max(1, round(plan.rate * PACING_SECONDS))
             return Spray(public[0].host, plan.budget, batch)
         budget = self.birthday_sockets
@@ -365,6 +374,20 @@ class TunnelCore:
         for local in self.io.open_extra(plan.sockets):
             self.pairs.add(local, public[0])
         return None
+
+    def end_birthday(self) -> None:
+        """
+        Give back what birthday probing held: the spray, or the hard side's
+        sockets (all but the chosen pair's).
+        """
+        if self.spraying and self.birthday_sprays is not None:
+            self.birthday_sprays.give(1)
+        self.spraying = False
+        if self.extra_sockets:
+            self.io.close_extra(keep=None if self.chosen is None else self.chosen.local)
+            if self.birthday_sockets is not None:
+                self.birthday_sockets.give(self.extra_sockets)
+            self.extra_sockets = 0
 
     # -- timing --------------------------------------------------------------
 
@@ -402,10 +425,11 @@ class TunnelCore:
 
     # -- endings -------------------------------------------------------------
 
-    def connect_chosen(self) -> None:
+    def connect_chosen(self) -> bool:
         """
         Let only the chosen remote reach its socket from now on, and start
         looking before consuming: the peer's program may speak next.
+        False if the socket could not be connected.
         """
         pair = self.chosen
         assert pair is not None
@@ -413,7 +437,9 @@ class TunnelCore:
             self.io.connect(pair.local, pair.address)
         except OSError as e:
             self.connect_error = e
+            return False
         self.io.peek()
+        return True
 
     def send_confirm(self) -> None:
         assert self.signer is not None and self.chosen is not None
@@ -438,14 +464,15 @@ class TunnelCore:
     def hand_off(self) -> None:
         pair = self.chosen
         assert pair is not None
-        self.end()
-        self.release_relay()
         try:
+            self.end()
+            self.release_relay()
             if self.connect_error is not None:
                 raise self.connect_error
             sock = self.io.release(pair.local, pair.address)
-        except OSError as e:
-            why = e.strerror or str(e)
+        except Exception as e:
+            # Whatever went wrong, the tunnel must end, and say so.
+            why = getattr(e, "strerror", None) or str(e)
             self.fail(TunnelFailed("internal", f"the tunnel socket could not be handed off: {why}"))
             return
         info = self.describe(pair)
@@ -505,10 +532,15 @@ class TunnelCore:
         return "prflx"
 
     def fail(self, error: TunnelFailed) -> None:
-        self.end()
-        self.send_abandon()
-        self.release_relay()
-        self.io.close()
+        try:
+            self.end()
+            self.send_abandon()
+            self.release_relay()
+        finally:
+            # Whatever went wrong above, the sockets close and the result fires.
+            self.io.close()
+            if not self.result.called:
+                self.result.errback(error)
         log.info(
             "tunnel {id} to {peer} for {service} failed after {ms} ms: {code}: {message}",
             id=self.id_hex[:12],
@@ -518,8 +550,6 @@ class TunnelCore:
             code=error.code,
             message=error.message,
         )
-        if not self.result.called:
-            self.result.errback(error)
         self.role.ended(error)
 
 
