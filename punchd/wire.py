@@ -34,6 +34,7 @@ ERROR_NAMES: dict[int, str] = {
     480: "peer-offline",
     486: "busy",
     500: "internal",
+    503: "unavailable",
 }
 REASONS: dict[int, str] = {
     400: "Bad Request",
@@ -49,6 +50,7 @@ REASONS: dict[int, str] = {
     480: "Peer Offline",
     486: "Busy",
     500: "Server Error",
+    503: "Other Rendezvous Nodes Unreachable",
 }
 
 #: Attributes each side understands; anything else comprehension-required gets 420.

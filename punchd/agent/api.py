@@ -30,6 +30,7 @@ ERROR_CODES = frozenset(
         "not-registered",
         "cancelled",
         "internal",
+        "unavailable",
     }
 )
 
