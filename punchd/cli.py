@@ -303,6 +303,7 @@ class _Chat:
         self.partial = b""
         self.quiet_until: float | None = None  # set once stdin is done
         self.listening = listener is not None
+        self.listener = listener
         self.last_sent = time.monotonic()
         selector.register(sys.stdin.fileno(), selectors.EVENT_READ)
         for tunnel in tunnels:
@@ -311,6 +312,10 @@ class _Chat:
             selector.register(listener, selectors.EVENT_READ, listener)
 
     def run(self) -> None:
+        if self.listener is not None:
+            # Tunnels may have come with the listen reply, already read off
+            # the socket: select() would not see them.
+            self.listening = _accept(self.listener, self.tunnels, self.selector)
         while True:
             now = time.monotonic()
             deadlines = []

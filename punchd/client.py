@@ -298,6 +298,8 @@ class Listener(_Closing):
     it as a context manager) to stop.  C{fileno()} lets a program wait for the
     next tunnel with select(); after it is readable, C{accept(0)} returns the
     tunnels already there and raises C{TunnelError("timeout")} when none is left.
+    Call C{accept(0)} once before the first select(), too: tunnels that came
+    with the listen reply have already been read off the socket.
     """
 
     def __init__(self, service: str, *, socket_path: str | None = None) -> None:

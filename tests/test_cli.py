@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import stat
 import subprocess
@@ -51,6 +52,24 @@ def start_punchctl(socket_path: str, *args: str) -> subprocess.Popen[bytes]:
         stderr=subprocess.PIPE,
         env={**os.environ, "PUNCHD_SOCKET": socket_path},
     )
+
+
+def read_lines(stream: Any, count: int, timeout: float = 20.0) -> list[bytes]:
+    """
+    C{count} lines from a child's pipe, or an error after C{timeout}: a read
+    that never returns would hang the reactor the test runs in.
+    """
+    data = b""
+    deadline = time.monotonic() + timeout
+    while data.count(b"\n") < count:
+        ready, _, _ = select.select([stream.fileno()], [], [], deadline - time.monotonic())
+        if not ready:
+            raise TimeoutError(f"punchctl printed only {data!r}")
+        chunk = os.read(stream.fileno(), 4096)
+        if not chunk:
+            break
+        data += chunk
+    return data.splitlines(keepends=True)[:count]
 
 
 def received(core: FakeCore, tid: str, count: int) -> list[bytes]:
@@ -319,7 +338,7 @@ async def test_listen_keep_serves_several_tunnels_until_interrupted(
         for peer in "bob", "carol":
             core.greetings = (f"from {peer}".encode(),)
             core.listeners["chat"](core.tunnel(peer, "chat"))
-        arrived = {await in_thread(proc.stdout.readline) for _ in range(2)}
+        arrived = set(await in_thread(read_lines, proc.stdout, 2))
         assert arrived == {b"from bob\n", b"from carol\n"}
         proc.stdin.write(b"to everyone\n")
         proc.stdin.flush()
