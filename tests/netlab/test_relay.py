@@ -6,6 +6,7 @@ direct path, so the rendezvous's relay carries the tunnel.
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -85,16 +86,26 @@ def test_a_relayed_tunnel_outlives_both_agents(lab: Lab) -> None:
         world.add("syma", "symmetric")
         world.start()
         sockets = {name: a.socket_path for name, a in world.deployment.agents.items()}
-        bob = Program(
-            "syma1", punchctl(sockets["syma1"], "listen", "chat"), world.hosts["syma1"].run
-        )
+        listen = punchctl(sockets["syma1"], "listen", "chat")
+        bob = Program("syma1", listen, world.hosts["syma1"].run)
+        heard = bob.expect(bob.err, "listening")
+        deadline = time.monotonic() + 30
+        while "chat" not in world.deployment.status("syma1").get("listening", []):
+            assert time.monotonic() < deadline, (heard, world.deployment.status("syma1"))
+            time.sleep(0.1)
         alice = Program(
             "conea1",
             punchctl(sockets["conea1"], "connect", "syma1", "chat"),
             world.hosts["conea1"].run,
         )
         try:
-            assert "via relay" in alice.expect(alice.err, "connected to", timeout=30)
+            said: list[str] = []
+            try:
+                connected = alice.progress_until("connected to", said.append)
+            except RuntimeError:
+                log = world.deployment.agents["syma1"].log.read_text()[-3000:]
+                pytest.fail(f"punchctl connect failed: {said}; bob said {heard!r}\n{log}")
+            assert "via relay" in connected, said
             bob.expect(bob.err, "connected to")
             alice.type("before")
             bob.expect(bob.out, "before")
