@@ -39,7 +39,6 @@ log = Logger()
 S = TypeVar("S", bound="StateData")
 
 PACING = 0.02
-PACING_SECONDS = PACING
 GATHER_BACKOFF = Backoff(initial=0.1, maximum=0.4, attempts=5)
 RELAY_BIND_BACKOFF = Backoff(initial=0.1, maximum=0.5, attempts=12)
 #: Seconds a port mapping is asked for; renewed while a tunnel uses it.
@@ -364,7 +363,7 @@ class TunnelCore:
                 log.info("tunnel {id}: this agent sprays enough already", id=self.id_hex[:12])
                 return None
             self.spraying = True
-            batch = max(1, round(plan.rate * PACING_SECONDS))
+            batch = max(1, round(plan.rate * PACING))
             return Spray(public[0].host, plan.budget, batch)
         budget = self.birthday_sockets
         if budget is None or not budget.take(plan.sockets):
