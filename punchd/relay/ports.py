@@ -53,20 +53,22 @@ def open_in_range(
     choose: Callable[[int, int], int] = random.randint,
 ) -> tuple[int, IListeningPort]:
     """
-    (port, listening port) for C{protocol} on a random port of C{low}-C{high}
-    that is not C{in_use} by the relay already (the first such port from
-    a random start); L{NoPort} when all are ours or after L{ATTEMPTS}
-    ports that the system refused (in use by someone else).
+    (port, listening port) for C{protocol} on a port of C{low}-C{high} that
+    is not C{in_use} by the relay already: from a random start, the next
+    one the system grants.  L{NoPort} when all are ours or taken, or after
+    L{ATTEMPTS} ports that the system refused (in use by someone else).
     """
     size = high - low + 1
-    for _ in range(ATTEMPTS):
-        start = choose(low, high) - low
-        free = (low + (start + i) % size for i in range(size))
-        port = next((p for p in free if p not in in_use), None)
-        if port is None:
-            break
+    start = choose(low, high) - low
+    refused = 0
+    for i in range(size):
+        port = low + (start + i) % size
+        if port in in_use:
+            continue
         try:
             return port, opener(port, protocol)
         except CannotListenError:
-            continue
-    raise NoPort(f"no free UDP port in {low}-{high} after {ATTEMPTS} tries")
+            refused += 1
+            if refused >= ATTEMPTS:
+                break
+    raise NoPort(f"no free UDP port in {low}-{high} ({refused} refused by the system)")
