@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -270,7 +270,7 @@ class Agent:
     def peers(self) -> Deferred[list[dict[str, Any]]]:
         refused = self._refused()
         if refused is not None:
-            return _failed(refused)
+            return fail(refused)
         found: list[dict[str, Any]] = []
 
         def page(after: str | None) -> Deferred[list[dict[str, Any]]]:
@@ -315,13 +315,13 @@ class Agent:
         self, peer: str, service: str, timeout: float, progress: ProgressCallback
     ) -> Deferred[HandOff]:
         if peer == self.settings.name:
-            return _failed(TunnelFailed("bad-request", "cannot open a tunnel to this agent itself"))
+            return fail(TunnelFailed("bad-request", "cannot open a tunnel to this agent itself"))
         refused = self._refused()
         if refused is not None:
-            return _failed(refused)
+            return fail(refused)
         if self.registration.describe() != "registered":
             error = self.registration_core.last_error
-            return _failed(
+            return fail(
                 TunnelFailed(
                     "not-registered",
                     "this agent is not registered with its rendezvous"
@@ -363,12 +363,3 @@ class Agent:
     def _count_responder_failure(self, tunnel: Tunnel) -> None:
         if tunnel.machine.describe() == "failed":
             self.tunnel_stats.failed("responder", "failed")
-
-
-T = TypeVar("T")
-
-
-def _failed(error: TunnelFailed) -> Deferred[T]:
-    d: Deferred[T] = Deferred()
-    d.errback(error)
-    return d
