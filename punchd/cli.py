@@ -88,6 +88,8 @@ def describe_netcheck(report: dict[str, Any]) -> str:
     """
     rtt = report.get("rendezvous_rtt_ms")
     udp = "blocked (no answer from the rendezvous)"
+    if report.get("over_tls"):
+        udp = "blocked, using TLS to the rendezvous"
     if report.get("udp"):
         udp = "works" + (f" (rendezvous round trip {rtt:g} ms)" if rtt is not None else "")
     varies = report.get("mapping_varies_by_destination")
@@ -116,11 +118,13 @@ _STATUS_LABELS = {
     "name": "agent",
     "registration": "state",
     "rendezvous": "rendezvous",
+    "transport": "transport",
     "mapped": "public address",
     "tunnels": "tunnels",
     "listening": "listening for",
     "netcheck": "network",
     "last_error": "last error",
+    "tls_error": "TLS error",
 }
 #: Fields read as part of others.
 _STATUS_FOLDED = {"uptime", "registered_at", "keepalive", "rendezvous_address"}

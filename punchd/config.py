@@ -357,6 +357,19 @@ def _addresses(value: Any, place: Place) -> Servers:
     return Servers(found[0], tuple(found[1:]))
 
 
+def _tls_address(value: Any, place: Place) -> str:
+    """
+    C{"auto"}, C{"off"}, or an address C{"host:port"} / C{"[IPv6]:port"}.
+    """
+    if value in ("auto", "off"):
+        return str(value)
+    try:
+        checks.address(value, place)
+    except Invalid as e:
+        raise Invalid(f'must be "auto", "off" or "host:port": {e}') from None
+    return str(value)
+
+
 _LOG_FORMAT_HELP = "Log lines as text for people, or json (one object per line) for collectors."
 _METRICS_HELP = (
     'Serve Prometheus metrics at http://IP:PORT/metrics, for example "127.0.0.1:9478"; "" for none.'
@@ -532,6 +545,18 @@ class AgentConfig:
     )
     rendezvous_public_key: PublicKey = setting(
         checks.public_key, "The rendezvous server's public key, base64."
+    )
+    rendezvous_tls: str = setting(
+        _tls_address,
+        'Where to register over TLS when UDP to the rendezvous is blocked: "host:port";'
+        ' "auto" for the rendezvous\'s host on port 443; "off" never to.',
+        default="auto",
+    )
+    rendezvous_ca: str = setting(
+        _optional_path,
+        "PEM file of the CA that signed the rendezvous's TLS certificate;"
+        ' "" for the system\'s CA store.',
+        default="",
     )
     control_socket: str = setting(
         checks.socket_path,

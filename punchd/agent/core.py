@@ -20,7 +20,8 @@ from twisted.python.failure import Failure
 from punchd import stun, wire
 from punchd.agent.api import HandOff, ProgressCallback, TunnelFailed
 from punchd.agent.candidates import host_addresses
-from punchd.agent.netcheck import NetChecker
+from punchd.agent.fallback import PathCore, RendezvousPath, build_path_machine
+from punchd.agent.netcheck import NetChecker, gather_both
 from punchd.agent.portmap import PortMapper
 from punchd.agent.puncher import Puncher
 from punchd.agent.registration import (
@@ -34,6 +35,7 @@ from punchd.agent.rendezvous_client import (
     RendezvousClient,
     RendezvousError,
 )
+from punchd.agent.stream import RendezvousStream, StreamRefused, connect_stream, trust_root
 from punchd.agent.tunnel import SocketFactory, Tunnel
 from punchd.config import AgentConfig
 from punchd.keys import derive_rendezvous_key
@@ -55,6 +57,20 @@ FRIENDLY = {
     "timeout": "{peer} did not answer the introduction ({reason})",
     "not-registered": "the rendezvous has forgotten this agent; it is registering again",
 }
+
+
+def tls_addresses(
+    settings: AgentConfig, servers: tuple[tuple[str, int], ...]
+) -> tuple[tuple[str, int], ...] | None:
+    """
+    The TLS address of each rendezvous node, or None when TLS is off.
+    """
+    if settings.rendezvous_tls == "off":
+        return None
+    if settings.rendezvous_tls == "auto":
+        return tuple((host, 443) for host, _ in servers)
+    host, _, port = settings.rendezvous_tls.rpartition(":")
+    return tuple((host.strip("[]"), int(port)) for _ in servers)
 
 
 def refusal_text(settings: AgentConfig) -> str:
@@ -104,6 +120,8 @@ class Agent:
             settings.rendezvous, "all", (settings.rendezvous,)
         )
         self._server = 0
+        #: Each node's TLS address, for when UDP to it is blocked (None: never).
+        self._tls_servers = tls_addresses(settings, self._servers)
         self.registration_core = RegistrationCore(
             clock=reactor,
             attempt=self._register_once,
@@ -111,6 +129,18 @@ class Agent:
             server=lambda: format_address(self.rendezvous),
         )
         self.registration = build_registration_machine(self.registration_core)
+        self.path: RendezvousPath | None = None
+        if self._tls_servers is not None:
+            self.path_core = PathCore(
+                clock=reactor,
+                connect=self._connect_tls,
+                probe_udp=self._probe_udp,
+                use=self._use_stream,
+                changed=self.registration.reregisterNow,
+                recheck=settings.keepalive,
+                where=lambda: format_address(self._tls_server),
+            )
+            self.path = build_path_machine(self.path_core)
         self.refusal = refusal_text(settings)
         self.tunnel_stats = TunnelStats()
         # -- hard NATs: what the network allows, and the gateway's port mappings.
@@ -125,6 +155,7 @@ class Agent:
             alternate_port=lambda: self.alternate_port,
             mapper=self.port_mapper,
             addresses=addresses,
+            over_tls=lambda: self.client.stream is not None,
         )
         self._port: IListeningPort | None = None
         self.started_at = reactor.seconds()
@@ -135,6 +166,11 @@ class Agent:
         The rendezvous address in use (one of C{rendezvous}'s list).
         """
         return self._servers[self._server]
+
+    @property
+    def _tls_server(self) -> tuple[str, int]:
+        assert self._tls_servers is not None
+        return self._tls_servers[self._server]
 
     # -- life cycle -------------------------------------------------------
 
@@ -182,6 +218,8 @@ class Agent:
             ).addErrback(lambda f: None)
 
         def close(_: object) -> Deferred[None] | None:
+            if self.path is not None:
+                self.path.stop()
             port, self._port = self._port, None
             return port.stopListening() if port is not None else None
 
@@ -196,10 +234,51 @@ class Agent:
             return d.addCallback(lambda ip: (ip, port))
         return succeed((host, port))
 
+    # -- the way to the rendezvous: UDP, or TLS where UDP is blocked -------
+
+    def _connect_tls(self) -> Deferred[RendezvousStream]:
+        try:
+            trust = trust_root(self.settings.rendezvous_ca)
+        except (OSError, ValueError) as e:
+            return fail(StreamRefused(f"cannot use rendezvous_ca: {e}"))
+
+        def lost(reason: str) -> None:
+            if self.path is not None:
+                self.path.tlsFailed(reason)
+
+        return connect_stream(self.reactor, self._tls_server, trust, self.client.from_stream, lost)
+
+    def _probe_udp(self) -> Deferred[bool]:
+        def probe(server: tuple[str, int]) -> Deferred[bool]:
+            name, key = self.settings.name, self.punch.key
+            d = gather_both(self.reactor, server, 0, name, key)
+            return d.addCallback(lambda gathered: gathered.main is not None)
+
+        return self._resolve().addCallback(probe)
+
+    def _use_stream(self, stream: RendezvousStream | None) -> None:
+        self.client.stream = stream
+
     def _register_once(self) -> Deferred[Registered]:
-        if self.registration_core.failures and len(self._servers) > 1:
+        path = self.path
+        tls_failed = path is None or self.path_core.tls_failures > 0
+        if self.registration_core.failures and len(self._servers) > 1 and tls_failed:
+            if path is not None:
+                self.path_core.tls_failures = 0
             self._server = (self._server + 1) % len(self._servers)
             log.info("trying rendezvous {server}", server=format_address(self.rendezvous))
+        if path is not None and path.describe() == "connecting":
+            return self.path_core.settled().addCallback(lambda _: self._register_now(True))
+        return self._register_now(False)
+
+    def _register_now(self, after_tls: bool) -> Deferred[Registered]:
+        """
+        One registration attempt, on the way the path machine chose; a TLS
+        attempt that just failed fails this one, saying why.
+        """
+        over_tls = self.client.stream is not None
+        if after_tls and not over_tls and self.path_core.last_error:
+            return fail(RendezvousError(503, self.path_core.last_error))
 
         def resolved(server: tuple[str, int]) -> Deferred[stun.Message]:
             self.client.server = wire.normalize_address(server)
@@ -220,11 +299,16 @@ class Agent:
                 log.warn("the rendezvous' reply carries no time: introductions will be refused")
             self._heard_alternate_port(message)
             old = self.registration_core.mapped
-            if mapped != old:
+            if mapped != old and not over_tls:
                 self.reactor.callLater(0, self.netchecker.moved, old, mapped)
             return (mapped, stun.decode_u32(lifetime))
 
         def explained(failure: Failure) -> Failure:
+            if failure.check(RequestTimedOut) and self.path is not None:
+                if over_tls:
+                    self.path.tlsFailed("the rendezvous did not answer over TLS")
+                else:
+                    self.path.udpWentSilent()
             failure.trap(Refused)
             return Failure(Refused(self.refusal))
 
@@ -249,6 +333,8 @@ class Agent:
             "rendezvous_address": format_address(self.client.server)
             if self.client.server
             else None,
+            "transport": self._transport(),
+            "tls_error": self.path_core.last_error if self.path is not None else None,
             "mapped": format_address(core.mapped) if core.mapped else None,
             "registered_at": core.registered_at,
             "last_error": core.last_error,
@@ -258,6 +344,17 @@ class Agent:
             "uptime": round(self.reactor.seconds() - self.started_at, 3),
             "netcheck": self.netchecker.last.summary if self.netchecker.last else None,
         }
+
+    def _transport(self) -> str:
+        """
+        How we reach the rendezvous, in words.
+        """
+        way = "udp" if self.path is None else self.path.describe()
+        if way == "tls":
+            return f"UDP blocked, using TLS to {format_address(self._tls_server)}"
+        if way == "connecting":
+            return f"UDP unanswered, connecting over TLS to {format_address(self._tls_server)}"
+        return "UDP"
 
     def _refused(self) -> TunnelFailed | None:
         """

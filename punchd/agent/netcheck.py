@@ -17,7 +17,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList, succeed
@@ -62,12 +62,19 @@ class NetReport:
     port_mapping: list[str]
     rendezvous_rtt_ms: float | None
     nat: bool | None = None
+    #: The agent reaches its rendezvous over TLS (UDP to it is blocked).
+    over_tls: bool = False
     checked_at: float = 0.0
     local_addresses: list[str] = field(default_factory=list, repr=False)
 
     @property
     def summary(self) -> str:
         """One sentence: what this network means for tunnels."""
+        if not self.udp and self.over_tls:
+            return (
+                "UDP blocked, using TLS: tunnels go through the relay over TLS"
+                " unless a peer can reach this host directly"
+            )
         if not self.udp:
             return "UDP to the rendezvous is blocked: no direct tunnels, relay only"
         if self.nat is False:
@@ -228,7 +235,9 @@ class NetChecker:
         alternate_port: Callable[[], int],
         mapper: PortMapper | None,
         addresses: Callable[[], list[str]],
+        over_tls: Callable[[], bool] = lambda: False,
     ) -> None:
+        self._over_tls = over_tls
         self._reactor = reactor
         self._name = name
         self._key = key
@@ -285,7 +294,8 @@ class NetChecker:
 
             def built(results: list[tuple[bool, Any]]) -> NetReport:
                 first, second, ports = (value for _, value in results)
-                return _report([first, second], ports or [], addresses, self._reactor.seconds())
+                report = _report([first, second], ports or [], addresses, self._reactor.seconds())
+                return replace(report, over_tls=self._over_tls())
 
             waits: list[Deferred[Any]] = [main, other, self._offered(server)]
             return DeferredList(waits).addCallback(built)

@@ -28,7 +28,9 @@ from punchd.agent.mappings import KeptMappings
 from punchd.agent.portmap import PortMapper
 from punchd.agent.rendezvous_client import IncomingAnswer, RendezvousClient
 from punchd.agent.roles import Initiator, Responder, Role
-from punchd.agent.tunnel import SocketFactory, Tunnel, new_tunnel_id
+from punchd.agent.stream import RendezvousStream
+from punchd.agent.stream_relay import StreamChannel
+from punchd.agent.tunnel import ChannelFactory, SocketFactory, Tunnel, new_tunnel_id
 from punchd.agent.tunnel_socket import TunnelSocket
 from punchd.config import AgentConfig
 from punchd.keys import TUNNEL_ID_LENGTH
@@ -212,7 +214,8 @@ class Puncher:
             service,
             wait=wait,
             # Round two is the last: a relay too, in case nothing direct works.
-            relay=wait,
+            # Over TLS (UDP blocked), the relay is the likely path from the start.
+            relay=wait or self._over_tls(),
             # Birthday probing is for round one; round two has the relay.
             hard=self._hard() and not wait,
             pinned=self.settings.pinned_peers.get(peer),
@@ -242,6 +245,7 @@ class Puncher:
         hard: bool = False,
     ) -> Tunnel:
         server = self.client.server
+        stream = self.client.stream if self._over_tls() else None
         tunnel = Tunnel(
             clock=self.reactor,
             sockets=self._sockets,
@@ -252,7 +256,11 @@ class Puncher:
             own_key=self.settings.private_key,
             timeout=timeout,
             host_addresses=self._addresses(),
-            gatherer=None if server is None else SignedGather(server, self.name, self.key),
+            # UDP to the rendezvous is blocked when we speak TLS: no answer would come.
+            gatherer=None
+            if server is None or stream is not None
+            else SignedGather(server, self.name, self.key),
+            relay_channel=None if stream is None else self._channel_factory(stream),
             relay_binder=RelayBinder(self.name, self.key),
             port_mapper=self._port_mapper(),
             birthday=self.birthday,
@@ -271,11 +279,25 @@ class Puncher:
                 self.failed += 1
             else:
                 self.established += 1
-                self.relayed += isinstance(result, HandOff) and result.info["path"] == "relay"
+                self.relayed += isinstance(result, HandOff) and result.info["path"] != "direct"
             return result
 
         tunnel.result.addBoth(done)
         return tunnel
+
+    def _over_tls(self) -> bool:
+        stream = self.client.stream
+        return stream is not None and stream.open
+
+    def _channel_factory(self, stream: RendezvousStream) -> ChannelFactory:
+        def channel(
+            relay: tuple[str, int],
+            received: Callable[[bytes, tuple[str, int]], None],
+            keep: Callable[[bytes, tuple[str, int]], bool],
+        ) -> StreamChannel:
+            return StreamChannel(self.reactor, self.reactor, stream, relay, received, keep)
+
+        return channel
 
     def listen(self, service: str, incoming: Callable[[HandOff], None]) -> Callable[[], None]:
         listeners = self.listeners.setdefault(service, [])

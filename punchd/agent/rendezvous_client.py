@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from punchd import stun, wire
+from punchd.agent.stream import RendezvousStream
 from punchd.retransmit import Backoff, Transactions
 from punchd.stun import Attr, MessageClass, Method
 
@@ -90,6 +91,9 @@ class RendezvousClient(DatagramProtocol):
         self._clock = clock
         self._on_incoming = on_incoming
         self.server: tuple[str, int] | None = None
+        #: The TLS connection to the rendezvous, when UDP to it is blocked:
+        #: requests and answers travel on it instead (punchd.agent.stream).
+        self.stream: RendezvousStream | None = None
         self._nonce: bytes | None = None
         self._sequence = time.time_ns() // 1000
         self._transactions: Transactions[stun.Message] = Transactions(clock)
@@ -170,7 +174,9 @@ class RendezvousClient(DatagramProtocol):
         return False
 
     def _send(self, data: bytes) -> None:
-        if self.transport is not None and self.server is not None:
+        if self.stream is not None:
+            self.stream.send_signalling(data)
+        elif self.transport is not None and self.server is not None:
             try:
                 self.transport.write(data, self.server)
             except OSError as e:
@@ -187,6 +193,14 @@ class RendezvousClient(DatagramProtocol):
         except Exception:
             self.counters["internal-error"] += 1
             log.failure("unexpected error handling a datagram from the rendezvous")
+
+    def from_stream(self, message: bytes) -> None:
+        """
+        A signalling frame from the TLS stream: what the server would have
+        sent us over UDP.
+        """
+        if self.server is not None:
+            self.datagramReceived(message, self.server)
 
     def _received(self, datagram: bytes, source: tuple[str, int]) -> None:
         if self.server is None or wire.normalize_address(source) != self.server:

@@ -29,6 +29,7 @@ from punchd.agent.gatherers import ReflexiveGatherer, RelayBinder
 from punchd.agent.pairs import Address, Pair
 from punchd.agent.portmap import PortMapper
 from punchd.agent.roles import Introduced, Role
+from punchd.agent.stream_relay import StreamChannel
 from punchd.agent.tunnel_core import EXTRA_SOCKETS, StateData, TunnelCore
 from punchd.agent.tunnel_socket import TunnelSocket
 from punchd.keys import TUNNEL_ID_LENGTH, PrivateKey, PublicKey
@@ -54,6 +55,12 @@ FINAL_WORD_WAIT = 2.0
 SocketFactory = Callable[
     [socket.AddressFamily, Callable[[bytes, Address], None], Callable[[bytes, Address], bool]],
     TunnelSocket,
+]
+#: Makes the channel of the TLS stream for our relay port at an address
+#: (the relay over TLS), given the same two functions.
+ChannelFactory = Callable[
+    [Address, Callable[[bytes, Address], None], Callable[[bytes, Address], bool]],
+    StreamChannel,
 ]
 
 
@@ -417,9 +424,14 @@ class Tunnel:
         birthday_sockets: SocketBudget | None = None,
         birthday_sprays: SocketBudget | None = None,
         hard: bool = False,
+        relay_channel: ChannelFactory | None = None,
     ) -> None:
         self._factory = sockets
-        self.sockets: list[TunnelSocket | None] = [self._open(sockets, socket.AF_INET, 0), None]
+        self._relay_channel = relay_channel
+        self.sockets: list[TunnelSocket | StreamChannel | None] = [
+            self._open(sockets, socket.AF_INET, 0),
+            None,
+        ]
         if any(":" in h for h in host_addresses):
             self.sockets[1] = self._open(sockets, socket.AF_INET6, 1)
         self._early: list[tuple[int, bytes, Address]] = []
@@ -483,7 +495,7 @@ class Tunnel:
                 candidates.append(Candidate(CandidateKind.HOST, host, self.local_address(local)[1]))
         return candidates
 
-    def _live(self) -> list[TunnelSocket]:
+    def _live(self) -> list[TunnelSocket | StreamChannel]:
         return [s for s in self.sockets if s is not None]
 
     # -- TunnelIO -------------------------------------------------------------
@@ -491,6 +503,25 @@ class Tunnel:
     def local_for(self, host: str) -> int | None:
         local = 1 if ":" in host else 0
         return local if local < len(self.sockets) and self.sockets[local] is not None else None
+
+    def relay_local(self, relay: Address) -> int | None:
+        if self._relay_channel is None:
+            return None
+        local = len(self.sockets)
+
+        def received(data: bytes, source: Address) -> None:
+            self._datagram(local, data, source)
+
+        def keep(data: bytes, source: Address) -> bool:
+            return self._keep_for_program(local, data, source)
+
+        channel = self._relay_channel(relay, received, keep)
+        self.sockets.append(channel)
+        channel.start_reading()
+        return local
+
+    def over_stream(self, local: int) -> bool:
+        return local < len(self.sockets) and isinstance(self.sockets[local], StreamChannel)
 
     def local_address(self, local: int) -> Address:
         sock = self.sockets[local]
@@ -530,7 +561,7 @@ class Tunnel:
     def close_extra(self, keep: int | None) -> None:
         for local in range(EXTRA_SOCKETS, len(self.sockets)):
             sock = self.sockets[local]
-            if local != keep and sock is not None:
+            if local != keep and isinstance(sock, TunnelSocket):
                 sock.close()
                 self.sockets[local] = None
 

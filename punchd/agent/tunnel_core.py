@@ -68,6 +68,12 @@ class TunnelIO(Protocol):
     def local_for(self, host: str) -> int | None:
         "The socket that speaks C{host}'s address family, if there is one."
 
+    def relay_local(self, relay: Address) -> int | None:
+        "The socket for our relay port at C{relay}: a channel of the TLS stream, or C{local_for}."
+
+    def over_stream(self, local: int) -> bool:
+        "Whether socket C{local} is a channel of the TLS stream (the relay over TLS)."
+
     def local_address(self, local: int) -> Address:
         "Where socket C{local} is bound."
 
@@ -233,9 +239,12 @@ class TunnelCore:
 
     def add_remotes(self, candidates: list[Candidate]) -> None:
         for candidate in candidates:
-            local = self.io.local_for(candidate.host)
+            relay = candidate.kind == CandidateKind.RELAY
+            local = self.io.relay_local(candidate.address) if relay else None
+            if local is None:
+                local = self.io.local_for(candidate.host)
             pair = self.pairs.add(1 if local is None else local, candidate)
-            if candidate.kind == CandidateKind.RELAY and local is not None:
+            if relay and local is not None:
                 self.bind_relay(pair)
 
     def bind_relay(self, pair: Pair) -> None:
@@ -486,7 +495,7 @@ class TunnelCore:
             local_kind=info["candidates"]["local"],
             remote_kind=info["candidates"]["remote"],
             setup_ms=info["setup_ms"],
-            why=f"; {self.why_relayed()}" if info["path"] == "relay" else "",
+            why=f"; {self.why_relayed()}" if info["path"] != "direct" else "",
         )
         self.result.callback(HandOff(sock, info))
 
@@ -506,7 +515,7 @@ class TunnelCore:
             "role": self.role.name,
             "local": format_address(local),
             "remote": format_address(pair.address),
-            "path": "relay" if relayed else "direct",
+            "path": self.path(pair),
             **({"relay": format_address(pair.address)} if relayed else {}),
             "candidates": {
                 "local": "relay" if relayed else self.local_kind(pair),
@@ -515,6 +524,11 @@ class TunnelCore:
             "rtt_ms": round((pair.rtt or 0.0) * 1000, 3),
             "setup_ms": round((self.clock.seconds() - self.started_at) * 1000, 3),
         }
+
+    def path(self, pair: Pair) -> str:
+        if pair.remote.kind != CandidateKind.RELAY:
+            return "direct"
+        return "relay-tls" if self.io.over_stream(pair.local) else "relay"
 
     def why_relayed(self) -> str:
         direct = [p.describe() for p in self.pairs if p.remote.kind != CandidateKind.RELAY]

@@ -112,6 +112,7 @@ def test_same_address_from_both_ports_is_a_cone() -> None:
         "port_mapping": [],
         "rendezvous_rtt_ms": 10.0,
         "nat": True,
+        "over_tls": False,
         "checked_at": report.checked_at,
         "summary": "direct to most peers (the NAT keeps one mapping per socket)",
     }
