@@ -193,18 +193,27 @@ def build_path() -> Callable[[PathCore], RendezvousPath]:
         core.drop_stream()
         core.changed()
 
-    tls.upon(P.tlsFailed).to(udp)(lambda m, core, data, reason: lost(m, core, reason, data))
+    @tls.upon(P.tlsFailed).to(udp)
+    def lost_on_tls(m: RendezvousPath, core: PathCore, data: OnTls, reason: str) -> None:
+        lost(m, core, reason, data)
+
     rechecking.upon(P.tlsFailed).to(udp)(lost)
 
-    def halt(m: RendezvousPath, core: PathCore, *data: Connecting | OnTls) -> None:
-        for each in data:
-            each.stop()
+    def halt(m: RendezvousPath, core: PathCore) -> None:
         core.drop_stream()
         core.release_waiters()
 
+    @connecting_.upon(P.stop).to(stopped)
+    def cancel(m: RendezvousPath, core: PathCore, data: Connecting) -> None:
+        data.stop()
+        halt(m, core)
+
+    @tls.upon(P.stop).to(stopped)
+    def close(m: RendezvousPath, core: PathCore, data: OnTls) -> None:
+        data.stop()
+        halt(m, core)
+
     udp.upon(P.stop).to(stopped)(halt)
-    connecting_.upon(P.stop).to(stopped)(halt)
-    tls.upon(P.stop).to(stopped)(halt)
     rechecking.upon(P.stop).to(stopped)(halt)
 
     names: dict[Any, str] = {
@@ -221,15 +230,27 @@ def build_path() -> Callable[[PathCore], RendezvousPath]:
     busy: list[Any] = [connecting_, tls, rechecking, stopped]
     for state in busy:
         state.upon(P.udpWentSilent).loop().returns(None)
+    # A probe's answer may come after the stream it was for is gone.
+    not_rechecking: list[Any] = [udp, connecting_, tls, stopped]
+    for state in not_rechecking:
+        for late in (P.udpAnswered, P.udpStillSilent):
+            state.upon(late).loop().returns(None)
     for state in (udp, stopped):
-        for quiet in (P.udpAnswered, P.udpStillSilent, P.udpRecheckIsDue):
-            state.upon(quiet).loop().returns(None)
+        state.upon(P.udpRecheckIsDue).loop().returns(None)
     stopped.upon(P.tlsFailed).loop().returns(None)
     stopped.upon(P.stop).loop().returns(None)
-    others: list[Any] = [udp, tls, rechecking, stopped]
-    for state in others:
-        # A connection nobody waits for any more.
-        state.upon(P.tlsIsUp).loop()(lambda m, core, *rest: rest[-1].close())
+
+    def unwanted(m: RendezvousPath, core: PathCore, stream: RendezvousStream) -> None:
+        stream.close()  # a connection nobody waits for any more
+
+    @tls.upon(P.tlsIsUp).loop()
+    def unwanted_on_tls(
+        m: RendezvousPath, core: PathCore, data: OnTls, stream: RendezvousStream
+    ) -> None:
+        stream.close()
+
+    for state in (udp, rechecking, stopped):
+        state.upon(P.tlsIsUp).loop()(unwanted)
     return builder.build()
 
 
