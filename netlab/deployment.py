@@ -68,6 +68,8 @@ class Deployment:
     rendezvous_extra: str = ""
     #: The rendezvous's second Binding port (netcheck); 0 for none.
     alternate_port: int = 0
+    #: More lines for every agent's config, such as C{rendezvous_tls = "..."}.
+    agent_extra: str = ""
     agents: dict[str, AgentHandle] = field(default_factory=dict)
     rendezvous_process: subprocess.Popen[bytes] | None = None
 
@@ -127,6 +129,7 @@ class Deployment:
             f'rendezvous_public_key = "{self.rendezvous_key.public_key().to_base64()}"\n'
             f'control_socket = "{socket_path}"\n'
             f"keepalive = {self.keepalive}\n"
+            f"{self.agent_extra}"
         )
         agent = AgentHandle(name, network, key, config, socket_path, self.root / f"{name}.log")
         self.agents[name] = agent

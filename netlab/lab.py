@@ -274,6 +274,25 @@ class Site:
         _nft(self._lab.inet_netns, loss_ruleset(f"loss_{self.name}", self._bridge_port, percent))
         self._loss = percent
 
+    def block_udp(self, blocked: bool = True) -> None:
+        """
+        Drop (or stop dropping) every UDP packet the site's hosts send out,
+        as an office firewall that lets only TCP through would.  The rule
+        sits in the NAT's forward path, before any mapping is made.
+        """
+        self._lab._check_open()
+        script = "table inet block_udp {}\ndelete table inet block_udp\n"
+        if blocked:
+            script += (
+                "table inet block_udp {\n"
+                "\tchain forward {\n"
+                "\t\ttype filter hook forward priority filter - 10;\n"
+                '\t\tiifname "lan" meta l4proto udp drop\n'
+                "\t}\n"
+                "}\n"
+            )
+        _nft(self.nat_netns, script)
+
     def port_mappings(self) -> list[str]:
         """The DNAT rules miniupnpd keeps for a ``miniupnpd`` site, one per mapping."""
         self._lab._check_open()

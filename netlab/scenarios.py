@@ -55,7 +55,12 @@ class World:
     """
 
     def __init__(
-        self, lab: Lab, keepalive: float = 2.0, alternate_port: int = 0, rendezvous_extra: str = ""
+        self,
+        lab: Lab,
+        keepalive: float = 2.0,
+        alternate_port: int = 0,
+        rendezvous_extra: str = "",
+        agent_extra: str = "",
     ) -> None:
         self.lab = lab
         self.hosts: dict[str, Host] = {}
@@ -68,6 +73,7 @@ class World:
             keepalive=keepalive,
             rendezvous_extra=rendezvous_extra,
             alternate_port=alternate_port,
+            agent_extra=agent_extra,
         )
 
     def add(
