@@ -95,6 +95,13 @@ class PathCore:
         self._waiting.append(d)
         return d
 
+    def soon(self, f: Callable[[], object]) -> None:
+        """
+        Call C{f} once the current input is over: what it sets off (a
+        registration attempt) asks this machine again.
+        """
+        self.clock.callLater(0, f)
+
     def release_waiters(self) -> None:
         waiting, self._waiting = self._waiting, []
         for d in waiting:
@@ -145,8 +152,8 @@ def on_tls(m: RendezvousPath, core: PathCore, stream: RendezvousStream | None = 
         core.last_error = None
         core.use(stream)
         log.info("UDP blocked, using TLS to the rendezvous at {where}", where=core.where())
-        core.release_waiters()
-        core.changed()
+        core.soon(core.release_waiters)
+        core.soon(core.changed)
     return OnTls(core.clock.callLater(core.recheck, m.udpRecheckIsDue))
 
 
@@ -167,7 +174,7 @@ def build_path() -> Callable[[PathCore], RendezvousPath]:
         core.tls_failures += 1
         core.last_error = reason
         log.warn("{reason}", reason=reason)
-        core.release_waiters()
+        core.soon(core.release_waiters)
 
     @tls.upon(P.udpRecheckIsDue).to(rechecking)
     def recheck(m: RendezvousPath, core: PathCore, data: OnTls) -> None:
@@ -182,7 +189,7 @@ def build_path() -> Callable[[PathCore], RendezvousPath]:
     def back_to_udp(m: RendezvousPath, core: PathCore) -> None:
         log.info("the rendezvous answers over UDP again; leaving TLS")
         core.drop_stream()
-        core.changed()
+        core.soon(core.changed)
 
     def lost(m: RendezvousPath, core: PathCore, reason: str, data: OnTls | None = None) -> None:
         if data is not None:
@@ -191,7 +198,7 @@ def build_path() -> Callable[[PathCore], RendezvousPath]:
         core.last_error = reason
         log.warn("{reason}; back to UDP", reason=reason)
         core.drop_stream()
-        core.changed()
+        core.soon(core.changed)
 
     @tls.upon(P.tlsFailed).to(udp)
     def lost_on_tls(m: RendezvousPath, core: PathCore, data: OnTls, reason: str) -> None:
@@ -201,7 +208,7 @@ def build_path() -> Callable[[PathCore], RendezvousPath]:
 
     def halt(m: RendezvousPath, core: PathCore) -> None:
         core.drop_stream()
-        core.release_waiters()
+        core.soon(core.release_waiters)
 
     @connecting_.upon(P.stop).to(stopped)
     def cancel(m: RendezvousPath, core: PathCore, data: Connecting) -> None:

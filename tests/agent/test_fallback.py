@@ -27,6 +27,7 @@ class World:
         self.probes: list[Deferred[bool]] = []
         self.using: list[Any] = []
         self.changes = 0
+        self.seen: list[str] = []
         self.core = PathCore(
             clock=self.clock,
             connect=self._connect,
@@ -49,12 +50,15 @@ class World:
         return d
 
     def _changed(self) -> None:
+        # The agent registers again at once, asking which way to go.
         self.changes += 1
+        self.seen.append(self.path.describe())
 
     def on_tls(self) -> FakeStream:
         self.path.udpWentSilent()
         stream = FakeStream()
         self.connects[-1].callback(stream)
+        self.clock.advance(0)
         return stream
 
 
@@ -72,7 +76,7 @@ def test_a_checked_connection_carries_the_requests() -> None:
     waiting = world.core.settled()
     stream = world.on_tls()
     assert world.path.describe() == "tls"
-    assert world.using == [stream] and world.changes == 1
+    assert world.using == [stream] and world.changes == 1 and world.seen == ["tls"]
     assert waiting.called and world.core.last_error is None
 
 
@@ -81,6 +85,7 @@ def test_a_refused_connection_says_why_and_stays_on_udp() -> None:
     world.path.udpWentSilent()
     waiting = world.core.settled()
     world.connects[0].errback(ValueError("its certificate was refused"))
+    world.clock.advance(0)
     assert world.path.describe() == "udp"
     assert world.core.last_error == "its certificate was refused"
     assert world.core.tls_failures == 1 and waiting.called
@@ -102,6 +107,7 @@ def test_udp_is_rechecked_every_period_and_taken_back_when_it_answers() -> None:
     world.clock.advance(20)
     assert len(world.probes) == 2
     world.probes[1].callback(True)
+    world.clock.advance(0)
     assert world.path.describe() == "udp"
     assert stream.closed and world.using == [stream, None] and world.changes == 2
     world.clock.advance(3600)
@@ -122,7 +128,8 @@ def test_a_lost_connection_goes_back_to_udp_and_registers_again() -> None:
     world = World()
     stream = world.on_tls()
     world.path.tlsFailed("the TLS connection to rdv.test:443 was lost")
-    assert world.path.describe() == "udp" and stream.closed
+    world.clock.advance(0)
+    assert world.path.describe() == "udp" and stream.closed and world.seen == ["tls", "udp"]
     assert world.using == [stream, None] and world.changes == 2
     assert world.core.last_error == "the TLS connection to rdv.test:443 was lost"
     world.clock.advance(3600)
@@ -142,6 +149,7 @@ def test_stop_closes_everything_and_ignores_what_comes_late() -> None:
     world = World()
     stream = world.on_tls()
     world.path.stop()
+    world.clock.advance(0)
     assert stream.closed and world.clock.getDelayedCalls() == []
     world.path.udpWentSilent()
     assert world.path.describe() == "stopped"
@@ -152,5 +160,6 @@ def test_settled_fires_at_once_when_nothing_is_connecting() -> None:
     d = world.core.settled()
     world.path.udpWentSilent()
     world.connects[0].errback(ValueError("refused"))
+    world.clock.advance(0)
     assert d.called
     assert succeed(None).called
