@@ -11,12 +11,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from netlab.certs import make_certificates
 from netlab.lab import RENDEZVOUS_ADDRESS, Lab
 from netlab.scenarios import World
+from punchd.client import TunnelError
 
 pytestmark = pytest.mark.netlab
 
@@ -48,6 +50,16 @@ def tls_world(lab: Lab, ca_dir: Path, server_dir: Path | None = None) -> World:
             f'rendezvous_tls = "{RENDEZVOUS_ADDRESS}:{TLS_PORT}"\nrendezvous_ca = "{trusted.ca}"\n'
         ),
     )
+
+
+def status_of(world: World, name: str) -> dict[str, Any]:
+    """
+    The agent's status, or nothing while its control socket is not there yet.
+    """
+    try:
+        return world.deployment.status(name)
+    except TunnelError:
+        return {}
 
 
 def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
@@ -114,7 +126,7 @@ def test_a_certificate_from_another_ca_is_refused_and_status_says_why(
         world.deployment.start_rendezvous(launch=lab.rendezvous_host.run)
         world.deployment.start_agent("office1", launch=world.hosts["office1"].run, wait=0)
         wait_until(
-            lambda: bool(world.deployment.status("office1").get("tls_error")),
+            lambda: bool(status_of(world, "office1").get("tls_error")),
             60,
             "a TLS error in the status",
         )
