@@ -47,8 +47,6 @@ class StreamChannel:
     consumed) and go to the program first.
     """
 
-    family = socket.AF_INET
-
     def __init__(
         self,
         reactor: IReactorFDSet,
