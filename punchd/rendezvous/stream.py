@@ -122,6 +122,9 @@ class StreamProtocol(Protocol):
             try:
                 # A peer that vanished (no FIN) is found even with no frame due.
                 self.transport.setTcpKeepAlive(True)
+                # Datagrams are not held back for a full segment: TLS already
+                # batches what one reactor turn writes.
+                self.transport.setTcpNoDelay(True)
             except OSError:
                 pass
         streams.rendezvous.attach_stream(self.address, self)
