@@ -26,6 +26,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
+from OpenSSL import SSL
 from twisted.internet.interfaces import (
     IAddress,
     IDelayedCall,
@@ -106,6 +107,7 @@ class StreamProtocol(Protocol):
         self._counters = factory.rendezvous.counters
         self._paused = False
         self._closing = False
+        self._aborted = False
         self._last = 0.0
         self._deadline: IDelayedCall | None = None
         self._idle: IDelayedCall | None = None
@@ -235,9 +237,9 @@ class StreamProtocol(Protocol):
         """
         Drop the connection now (no waiting for a peer that may not read).
         """
-        if self._closing:
+        if self._aborted:
             return
-        self._closing = True
+        self._closing = self._aborted = True
         self._counters[f"tls-closed-{why}"] += 1
         log.debug(
             "TLS connection from {address} closed: {why}",
@@ -251,6 +253,11 @@ class StreamProtocol(Protocol):
         self._close("stopped")
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if not self._aborted:
+            # Every connection ends in exactly one tls-closed-REASON count.
+            self._counters[
+                "tls-closed-tls-error" if reason.check(SSL.Error) else "tls-closed-peer"
+            ] += 1
         self._closing = True
         for call in (self._deadline, self._idle):
             if call is not None and call.active():

@@ -229,7 +229,10 @@ def test_a_connection_without_an_accepted_request_in_time_is_dropped() -> None:
     assert not c.closed
     h.clock.advance(1)
     assert c.closed
+    c.lose()  # what the transport says next
     assert h.protocol.counters["tls-closed-auth-timeout"] == 1
+    assert h.protocol.counters["tls-closed-peer"] == 0  # one reason per connection
+    assert h.protocol.streams_open() == 0
 
 
 def test_a_slow_handshake_or_a_partial_frame_meets_the_same_deadline() -> None:
@@ -303,6 +306,7 @@ def test_a_closed_stream_takes_its_agent_offline_and_its_address_back_to_udp() -
     c.lose()
     assert h.registry.lookup("alice", h.clock.seconds()) is None
     assert h.protocol.counters["tls-signed-off"] == 1
+    assert h.protocol.counters["tls-closed-peer"] == 1
     assert h.protocol.streams_open() == 0
     h.protocol.send(b"\x00\x01 to udp", ALICE)
     assert h.transport.take() == [(b"\x00\x01 to udp", ALICE)]

@@ -318,12 +318,16 @@ def test_a_tls_client_that_never_authenticates_is_dropped(
                 except ConnectionResetError:
                     pass  # closed without close_notify: the server aborts
                 assert time.monotonic() - started < DEADLINE
-        # A bare TCP connection that never says a word goes the same way.
-        with socket.create_connection(("127.0.0.1", tls_port), timeout=DEADLINE) as raw:
-            try:
-                assert raw.recv(1) == b""
-            except ConnectionResetError:
-                pass
+        # A bare TCP connection that never says a word goes the same way,
+        # and one that speaks something else than TLS goes at once.
+        for hello in (b"", b"GET / HTTP/1.0\r\n\r\n"):
+            with socket.create_connection(("127.0.0.1", tls_port), timeout=DEADLINE) as raw:
+                raw.sendall(hello)
+                try:
+                    while raw.recv(4096):
+                        pass  # a TLS alert, perhaps
+                except ConnectionResetError:
+                    pass
         assert failures_in_log(d) == []
 
 
