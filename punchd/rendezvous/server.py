@@ -11,6 +11,10 @@ larger than a bare request, and is rate-limited per source IP; every other
 reply to such a sender (a Binding 420, a 401, a 438, a gather's answer, a
 sequence resynchronisation) is dropped rather than sent when it would be
 larger than the request.
+
+Agents' TLS streams (L{punchd.rendezvous.stream}) take the same path: each
+frame comes in as a datagram from the stream's TCP peer address, and
+L{RendezvousProtocol._send} puts what goes to that address on the stream.
 """
 
 from __future__ import annotations
