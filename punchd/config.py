@@ -499,6 +499,50 @@ class RendezvousConfig:
     # -- metrics --
     metrics: str = setting(_metrics_address, _METRICS_HELP, default="")
 
+    # -- TLS, where UDP is blocked --
+    tls_port: int = setting(
+        checks.integer(0, 65535),
+        "TCP port where agents that have no UDP reach the rendezvous and the relay"
+        " over TLS; 0 for none.",
+        default=0,
+        from_text=checks.int_text,
+    )
+    tls_certificate: str = setting(
+        _optional_path,
+        "PEM file with the TLS port's certificate, then any intermediate certificates.",
+        default="",
+    )
+    tls_private_key: str = setting(
+        _optional_path,
+        "PEM file with the TLS certificate's private key (unencrypted, mode 0600).",
+        default="",
+    )
+    tls_auth_timeout: float = setting(
+        checks.number(1, 300),
+        "Seconds a TLS connection has to finish its handshake and send an accepted"
+        " agent request or relay bind.",
+        default=10.0,
+        from_text=checks.float_text,
+    )
+    tls_idle_timeout: float = setting(
+        checks.number(5, 86400),
+        "Seconds without a whole frame before a TLS connection is closed.",
+        default=120.0,
+        from_text=checks.float_text,
+    )
+    tls_max_per_source: int = setting(
+        checks.integer(1, 65536),
+        "TLS connections one IPv4 address (or IPv6 /64) may have open at once.",
+        default=16,
+        from_text=checks.int_text,
+    )
+    tls_max_connections: int = setting(
+        checks.integer(1, 1_000_000),
+        "TLS connections open at once, from everyone.",
+        default=1024,
+        from_text=checks.int_text,
+    )
+
     # -- scale-out --
     registry: str = setting(
         _registry,
@@ -770,6 +814,10 @@ def load_rendezvous_config(
         raise ConfigError(
             f'{merged.where["directory"]}: directory = "redis" needs a redis registry'
         )
+    if merged.values.get("tls_port", 0):
+        for key in ("tls_certificate", "tls_private_key"):
+            if not merged.values.get(key):
+                raise ConfigError(f"{merged.where['tls_port']}: a TLS port needs {key}")
     peers_path = merged.values["peers_path"]
     return RendezvousConfig(
         **merged.values,

@@ -354,6 +354,13 @@ RENDEZVOUS_COUNTERS = (
         "reason",
         prefix="refused-",
     ),
+    FromCounter(
+        "tls_events",
+        "TLS port events: connections accepted, refused, authenticated, backed up,"
+        " closed (by why), frames dropped.",
+        "event",
+        prefix="tls-",
+    ),
 )
 
 AGENT_COUNTERS = (
@@ -415,6 +422,9 @@ def rendezvous_metrics(protocol: RendezvousProtocol) -> Iterator[Metric]:
     relay = getattr(protocol, "relay", None)
     if relay is not None:
         yield from relay_metrics(relay.counters)
+    yield gauge(
+        "tls_connections_open", "Agents' TLS connections open now.", protocol.streams_open()
+    )
     yield gauge(
         "introductions_pending",
         "Introductions waiting for their target.",

@@ -22,7 +22,7 @@ from twisted.internet.protocol import DatagramProtocol
 
 from punchd.relay.messages import BIND_TYPE
 
-__all__ = ["Allocation", "RelayPort", "TokenBucket"]
+__all__ = ["Allocation", "RelayPort", "StreamSide", "TokenBucket"]
 
 Address = tuple[str, int]
 #: The smallest burst: one full-size Ethernet datagram always fits.
@@ -62,6 +62,20 @@ class SlowPath(Protocol):
     def received(self, port: RelayPort, data: bytes, source: Address) -> None: ...
 
 
+class StreamSide(Protocol):
+    """
+    An agent's TLS stream, as the relay sees it: a side bound by it gets
+    the datagrams for it as frames (L{punchd.rendezvous.stream}).
+    """
+
+    #: The stream's TCP peer address: the side's bound address.
+    address: Address
+
+    def send_relayed(self, port: int, datagram: bytes) -> None: ...
+
+    def accepted(self, name: str) -> None: ...
+
+
 class Stoppable(Protocol):
     """
     What an allocation stops when it is freed (its fast path).
@@ -85,6 +99,8 @@ class RelayPort(DatagramProtocol):
         self.port = 0
         self.bound: Address | None = None
         self.peer: RelayPort | None = None
+        #: The TLS stream that bound this side, if one did.
+        self.stream: StreamSide | None = None
         self.listening: IListeningPort | None = None
         self._slow = slow
         self.counters = slow.counters
@@ -104,8 +120,20 @@ class RelayPort(DatagramProtocol):
         assert self.transport is not None
         self.transport.write(data, address)  # type: ignore[attr-defined]
 
+    def bind_stream(self, stream: StreamSide) -> None:
+        """
+        This side was bound by C{stream}: what it gets goes there, framed.
+        """
+        self.stream = stream
+        self.send = self._to_stream
+
+    def _to_stream(self, data: bytes, address: Address) -> None:
+        assert self.stream is not None
+        self.stream.send_relayed(self.port, data)
+
     def datagramReceived(self, data: bytes, addr: Any) -> None:
-        if addr == self.bound and data[:2] != BIND_TYPE:
+        # A UDP datagram never comes from a side a stream bound, whatever its address.
+        if addr == self.bound and data[:2] != BIND_TYPE and self.stream is None:
             self.forward(data)
         else:
             self._slow.received(self, data, addr)
@@ -189,6 +217,7 @@ class Allocation:
         self.shortcuts = []
         for side in self.sides:
             side.bound = None
+            side.stream = None
             listening, side.listening = side.listening, None
             if listening is not None:
                 listening.stopListening()

@@ -16,8 +16,8 @@ from twisted.logger import Logger
 
 from punchd import wire
 from punchd.relay.addresses import bindable, is_loopback_interface
-from punchd.relay.allocation import Address, Allocation, RelayPort, TokenBucket
-from punchd.relay.messages import Bind, bind_answer, parse_bind
+from punchd.relay.allocation import Address, Allocation, RelayPort, StreamSide, TokenBucket
+from punchd.relay.messages import BIND_TYPE, Bind, bind_answer, parse_bind
 from punchd.relay.ports import NoPort, PortOpener, open_in_range, udp_opener
 from punchd.relay.shortcut import open_shortcuts
 
@@ -78,6 +78,10 @@ class RelayService(service.Service):
         self._allow_loopback = is_loopback_interface(interface)
         self._allocations: dict[bytes, Allocation] = {}
         self._in_use: set[int] = set()
+        #: Every allocated relay port, by number: where a stream's frames go.
+        self._ports: dict[int, RelayPort] = {}
+        #: The allocations a side of which each TLS stream bound.
+        self._streams: dict[StreamSide, set[Allocation]] = {}
         self._per_agent: Counter[str] = Counter()
         #: Where the fast path's sockets are read: the reactor, if C{clock} is one.
         self._readers = clock if IReactorFDSet.providedBy(clock) else None
@@ -138,10 +142,13 @@ class RelayService(service.Service):
             raise NoPort(f"all {high - low + 1} relay ports in use")
         side.port, side.listening = open_in_range(self._open, side, low, high, self._in_use)
         self._in_use.add(side.port)
+        self._ports[side.port] = side
 
     def _forget_ports(self, allocation: Allocation) -> None:
         for side in allocation.sides:
             self._in_use.discard(side.port)
+            if self._ports.get(side.port) is side:
+                del self._ports[side.port]
 
     def _refuse(self, code: str, reason: str) -> NoReturn:
         self.counters["allocations-refused"] += 1
@@ -151,6 +158,9 @@ class RelayService(service.Service):
     def _free(self, allocation: Allocation, why: str) -> None:
         if allocation.freed:
             return
+        for side in allocation.sides:
+            if side.stream is not None:
+                self._stream_freed(side.stream, allocation)
         allocation.close()
         self._forget_ports(allocation)
         del self._allocations[allocation.tunnel_id]
@@ -160,27 +170,60 @@ class RelayService(service.Service):
         self.counters["allocations-active"] = len(self._allocations)
         log.debug("relay {tunnel} freed: {why}", tunnel=allocation.tunnel_id.hex()[:8], why=why)
 
+    # -- TLS streams -------------------------------------------------------------
+
+    def stream_received(self, stream: StreamSide, port_number: int, data: bytes) -> None:
+        """
+        A datagram for relay port C{port_number} framed on C{stream}: the
+        same as a UDP datagram to that port from the stream's address.
+        """
+        port = self._ports.get(port_number)
+        if port is None:
+            self.counters["dropped-stream-no-port"] += 1
+        elif port.stream is stream and data[:2] != BIND_TYPE:
+            port.forward(data)
+        else:
+            self.received(port, data, stream.address, stream)
+
+    def stream_closed(self, stream: StreamSide) -> None:
+        """
+        Free the allocations C{stream} bound a side of: a tunnel relayed
+        over TLS ends with its agent's connection.
+        """
+        for allocation in list(self._streams.get(stream, ())):
+            self._free(allocation, "stream-closed")
+
+    def _stream_freed(self, stream: StreamSide, allocation: Allocation) -> None:
+        bound = self._streams.get(stream)
+        if bound is not None:
+            bound.discard(allocation)
+            if not bound:
+                del self._streams[stream]
+
     # -- what the ports do not forward at once ------------------------------------
 
-    def received(self, port: RelayPort, data: bytes, source: Address) -> None:
+    def received(
+        self, port: RelayPort, data: bytes, source: Address, stream: StreamSide | None = None
+    ) -> None:
         """
         A bind, or a datagram to drop: from a stranger, to a side not yet
-        bound, or to an allocation already freed.  From the bound address,
-        whatever is not that side's authenticated bind is the program's
-        and is forwarded.
+        bound, or to an allocation already freed.  From the bound address
+        (and the stream that bound it, if one did), whatever is not that
+        side's authenticated bind is the program's and is forwarded.
         """
         if port.allocation.freed:
             self.counters["dropped-freed"] += 1
             return
+        from_bound = source == port.bound and stream is port.stream
         bind = parse_bind(data)
         refusal = "not-a-bind" if bind is None else self._refusal(port, bind)
-        if refusal is None and port.bound is not None and port.bound != source:
+        if refusal is None and port.bound is not None and not from_bound:
             # No rebind: a bind replayed from elsewhere must not hijack the side.
             refusal = "rebind"
         if refusal is None:
             assert bind is not None
-            self._bound(port, bind, source)
-        elif source == port.bound:
+            self._bound(port, bind, source, stream)
+        elif from_bound:
             port.forward(data)
         elif refusal == "not-a-bind":
             self.counters["dropped-unbound" if port.bound is None else "dropped-stranger"] += 1
@@ -200,7 +243,9 @@ class RelayService(service.Service):
             return "bind-unauthenticated"
         return None
 
-    def _bound(self, port: RelayPort, bind: Bind, source: Address) -> None:
+    def _bound(
+        self, port: RelayPort, bind: Bind, source: Address, stream: StreamSide | None
+    ) -> None:
         """
         Record C{source} as the side's bound address (the first time) and
         answer; free the allocation when the bind was a release.
@@ -218,9 +263,15 @@ class RelayService(service.Service):
         if port.bound is None:
             port.bound = source
             self.counters["binds"] += 1
+            if stream is not None:
+                port.bind_stream(stream)
+                self._streams.setdefault(stream, set()).add(allocation)
+                stream.accepted(bind.name)
             if allocation.forwarding:
                 allocation.last_active = self.clock.seconds()
-                if self._readers is not None:
+                # The fast path is UDP to UDP: a stream's side takes the slow one.
+                streamed = any(side.stream is not None for side in allocation.sides)
+                if self._readers is not None and not streamed:
                     allocation.shortcuts = list(open_shortcuts(allocation, self._readers))
             log.debug(
                 "relay {tunnel}: {name} bound {address}",
@@ -230,7 +281,10 @@ class RelayService(service.Service):
             )
         else:
             self.counters["bind-retransmissions"] += 1
-        port.send(answer, source)
+        try:
+            port.send(answer, source)
+        except OSError as e:  # a full buffer: the agent retransmits its bind
+            self.counters[f"send-error-{e.errno}"] += 1
         if bind.release:
             self._free(allocation, "released-by-agent")
 

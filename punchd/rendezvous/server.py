@@ -11,13 +11,17 @@ larger than a bare request, and is rate-limited per source IP; every other
 reply to such a sender (a Binding 420, a 401, a 438, a gather's answer, a
 sequence resynchronisation) is dropped rather than sent when it would be
 larger than the request.
+
+Agents' TLS streams (L{punchd.rendezvous.stream}) take the same path: each
+frame comes in as a datagram from the stream's TCP peer address, and
+L{RendezvousProtocol._send} puts what goes to that address on the stream.
 """
 
 from __future__ import annotations
 
 import socket
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import DatagramProtocol
@@ -35,6 +39,9 @@ from punchd.rendezvous.introductions import Introductions
 from punchd.rendezvous.limits import Counters, SourceLimiter
 from punchd.rendezvous.registry import IRegistry
 from punchd.stun import Attr, MessageClass, Method
+
+if TYPE_CHECKING:
+    from punchd.rendezvous.stream import StreamProtocol
 
 __all__ = ["AlternatePort", "Directory", "RendezvousProtocol"]
 
@@ -83,6 +90,8 @@ class RendezvousProtocol(DatagramProtocol):
         self.counters = Counters()
         self.answers = RecentAnswers(clock)
         self.introductions = Introductions(clock, max_pending)
+        #: Agents' TLS streams by TCP peer address: what is sent there goes on them.
+        self._streams: dict[tuple[str, int], StreamProtocol] = {}
         self._binding_limiter = binding_limiter
         self._max_lifetime = max_lifetime
         self._gate = Gate(
@@ -192,6 +201,11 @@ class RendezvousProtocol(DatagramProtocol):
         self._introducer.incoming_answer(message)
 
     def _send(self, data: bytes, address: tuple[str, int]) -> None:
+        if self._streams:
+            stream = self._streams.get(address)
+            if stream is not None:
+                stream.send_signalling(data)
+                return
         # Every address here came from recvfrom (directly or through the
         # registry), so the socket is used as is: the transport's checks of
         # the address cost as much as the syscall on the Binding hot path.
@@ -205,11 +219,42 @@ class RendezvousProtocol(DatagramProtocol):
             # sender retransmits; nothing here may be left half done.
             self.counters[f"send-error-{e.errno}"] += 1
 
+    # -- TLS streams (punchd.rendezvous.stream) -----------------------------
+
+    def attach_stream(self, address: tuple[str, int], stream: StreamProtocol) -> None:
+        """
+        Send what goes to C{address} on C{stream}, a TLS connection from it
+        whose frames come in as datagrams from it.
+        """
+        self._streams[address] = stream
+
+    def detach_stream(self, stream: StreamProtocol) -> None:
+        """
+        C{stream} closed: the agents registered through it are offline now
+        (their peers see it at once, and nothing is sent to the address).
+        """
+        if self._streams.get(stream.address) is stream:
+            del self._streams[stream.address]
+        now = self.clock.seconds()
+        for name in stream.names:
+            registration = self.registry.lookup(name, now)
+            if registration is not None and registration.address == stream.address:
+                self.registry.remove(name)
+                self.counters["tls-signed-off"] += 1
+                log.info("agent {peer} left: its TLS connection closed", peer=name)
+
+    def streams_open(self) -> int:
+        return len(self._streams)
+
     # -- authenticated agent requests ------------------------------------
 
     def _agent_request(self, message: stun.Message, source: tuple[str, int], size: int) -> None:
         request = self._gate.authenticate(message, source, size)
         if request is not None and self._gate.admit(request, self._answer):
+            if self._streams:
+                stream = self._streams.get(source)
+                if stream is not None:
+                    stream.accepted(request.name)
             self._carry_out(request)
 
     def _answer(self, request: AgentRequest, data: bytes) -> None:

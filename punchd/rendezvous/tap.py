@@ -32,6 +32,8 @@ from punchd.relay import RelayService
 from punchd.rendezvous.limits import SourceLimiter
 from punchd.rendezvous.registry import IRegistry, MemoryRegistry
 from punchd.rendezvous.server import AlternatePort, Directory, RendezvousProtocol
+from punchd.rendezvous.stream import StreamFactory, StreamLimits
+from punchd.rendezvous.tls import TLSPortService, TLSSetupError, bind_tcp, server_options
 
 log = Logger()
 
@@ -144,6 +146,8 @@ class RendezvousService(DaemonService):
         )
         if self.settings.alternate_port:
             log.info("alternate Binding port {port}", port=self.settings.alternate_port)
+        if self.settings.tls_port:
+            log.info("TLS port {port} (TCP)", port=self.settings.tls_port)
 
     def stopService(self) -> Any:
         self.protocol.stop()
@@ -235,6 +239,8 @@ def makeService(config: Options, reactor: Any = None, worker: int = 0) -> servic
 
             workers = Workers(settings.workers, worker_argv(config), reactor)
             extra.append(workers)
+    if settings.tls_port:
+        extra.append(tls_service(settings, protocol, reactor, shared))
     launcher = getattr(config, "parent", None)
     parent = RendezvousService(settings, protocol, reactor, sock, launcher, alternate, extra)
     if workers is not None:
@@ -246,6 +252,34 @@ def makeService(config: Options, reactor: Any = None, worker: int = 0) -> servic
     if metrics is not None:
         metrics.setServiceParent(parent)
     return parent
+
+
+def tls_service(
+    settings: RendezvousConfig, protocol: RendezvousProtocol, reactor: Any, shared: bool
+) -> TLSPortService:
+    """
+    The TLS port, its certificate loaded and its socket listening, or a
+    one-line refusal to start.
+    """
+    try:
+        options = server_options(settings.tls_certificate, settings.tls_private_key, reactor)
+    except TLSSetupError as e:
+        refuse_to_start(PROGRAM, str(e))
+    where = f"[{settings.interface}]" if ":" in settings.interface else settings.interface
+    try:
+        sock = bind_tcp(settings.interface, settings.tls_port, shared=shared)
+    except OSError as e:
+        refuse_to_start(
+            PROGRAM, f"cannot listen on TCP {where or '*'}:{settings.tls_port}: {e.strerror}"
+        )
+    limits = StreamLimits(
+        auth_timeout=settings.tls_auth_timeout,
+        idle_timeout=settings.tls_idle_timeout,
+        max_per_source=settings.tls_max_per_source,
+        max_connections=settings.tls_max_connections,
+    )
+    streams = StreamFactory(protocol, reactor, limits, protocol.relay)
+    return TLSPortService(sock, options, streams, reactor)
 
 
 def _bind_or_refuse(interface: str, port: int, shared: bool = False) -> socket.socket:
