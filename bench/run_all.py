@@ -26,6 +26,7 @@ MODULES: dict[str, bool] = {
     "bench_tunnels": False,
     "bench_rendezvous": False,
     "bench_relay": False,
+    "bench_relay_tls": False,
     "bench_netlab": True,
     "bench_birthday": True,
 }
