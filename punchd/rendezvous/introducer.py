@@ -71,7 +71,9 @@ class Introducer:
         clock: IReactorTime,
         relay: RelayService | None = None,
         remote: Remote | None = None,
+        over_tls: Callable[[Address], bool] = lambda address: False,
     ) -> None:
+        self._over_tls = over_tls
         self._clock = clock
         self._relay = relay
         self._remote = remote
@@ -164,9 +166,12 @@ class Introducer:
             request.name, request.source, request.transaction_id, target, request.key
         )
         introduction.tunnel_id = tunnel_id
-        if message.has(Attr.RELAY) and registration is not None:
-            # Only for a target of this node: the relay runs on the host the
-            # target's agent talks to.
+        # Only for a target of this node: the relay runs on the host the
+        # target's agent talks to.  A target that reaches us over TLS (UDP
+        # blocked) gets one unasked: its tunnels will likely need it.
+        if registration is not None and (
+            message.has(Attr.RELAY) or self._over_tls(registration.address)
+        ):
             introduction.relay_ports = self._allocate(tunnel_id, request.name, target)
         incoming_id = introduction.incoming_id
         forwarded = wire.signed(

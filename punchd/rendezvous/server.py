@@ -119,6 +119,7 @@ class RendezvousProtocol(DatagramProtocol):
             clock,
             relay=relay,
             remote=remote,
+            over_tls=lambda address: address in self._streams,
         )
 
     @property
