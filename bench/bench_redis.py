@@ -8,33 +8,41 @@ directory (docs/scale-out.rst discusses the results):
   bench_rendezvous): the in-memory registry vs the Redis registry, one
   process each on the same CPU; then a node of two workers (SO_REUSEPORT)
   fed from two sockets that the kernel gave to different workers.
-* A simulated population (C{--agents}, 100,000 by default) on two nodes,
-  its directory imported into Redis: RSS per node, Redis memory per agent,
-  keepalive loss at 20 s keepalives for two rounds.
+* A simulated population (C{--agents}, 100,000 by default; a million
+  takes about 9 minutes and 4 GiB here) on two nodes, its directory imported into Redis:
+  first registrations paced at C{--register-rate}, then keepalive rounds of
+  20 s; RSS per node, Redis memory per agent, keepalive loss and where it
+  happened (each process's CPU, the kernel's receive-buffer drops).  Keys
+  and signed datagrams are made beforehand on every CPU (bench/population.py).
 * Introduction latency, initiator and target on the same node vs on two
   nodes (median, p95), answered by simulated agents.
 * Time per peers page in a network of 10,000 agents and of the whole
   population: constant in the network's size.
 
-    .venv/bin/python -m bench.bench_redis [--agents 100000] [--quick]
+    .venv/bin/python -m bench.bench_redis [--agents 100000] [--quick] [--only-population]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
+import resource
 import select
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench import population as population_mod
 from bench.bench_rendezvous import (
     REGISTER_SUCCESS,
     Generator,
@@ -51,16 +59,17 @@ from bench.bench_rendezvous import (
 )
 from netlab.deployment import Deployment
 from punchd import stun, wire
-from punchd.config import PeerEntry
-from punchd.keys import PrivateKey, derive_rendezvous_key
+from punchd.keys import PrivateKey
 from punchd.rendezvous import directory
 from punchd.rendezvous.resp import BlockingRedis
 from punchd.stun import Attr, MessageClass, Method
-from tests.rendezvous.redis_helpers import RedisServer, Service, wait_for
+from tests.rendezvous.redis_helpers import Launch, RedisServer, Service, wait_for
 
 RATES = [5_000, 10_000, 15_000, 20_000, 25_000, 30_000, 35_000, 40_000]
 QUICK_RATES = [10_000, 20_000, 30_000]
 KEEPALIVE = 20.0
+#: Registrations signed under one nonce are sent within this many seconds.
+NONCE_SECONDS = 180
 
 
 # -- keepalives per second per core ------------------------------------------------
@@ -175,7 +184,6 @@ def keepalive_ladders(
 
 
 def pinned(cpu: int | None) -> object:
-    import subprocess
 
     def launch(argv: Sequence[str], **kwargs: object) -> subprocess.Popen[bytes]:
         process = subprocess.Popen(list(argv), **kwargs)  # type: ignore[call-overload]
@@ -268,7 +276,7 @@ def two_workers(
 
 
 def one_node(
-    root: Path, redis: RedisServer, generator: Generator, count: int, registry: str
+    root: Path, redis: RedisServer, generator: Generator, count: int, registry: str, cpu: int | None
 ) -> None:
     """
     C{count} agents (a peers file) kept alive at 20 s by one rendezvous
@@ -282,7 +290,7 @@ def one_node(
             with open(d.root / "rendezvous.toml", "a") as f:
                 f.write(f'registry = "{redis.url}"\n')
                 f.write(f'redis_password_file = "{redis.password_file}"\n')
-        d.start_rendezvous(wait=120)
+        d.start_rendezvous(launch=pinned(cpu), wait=120)
         assert d.rendezvous_process is not None
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
             sock.bind(("127.0.0.1", 0))
@@ -353,136 +361,247 @@ class SimAgent:
                 return message
 
 
+def all_cpus() -> Launch:
+    """
+    Start a process free to use every CPU, whatever this one is pinned to.
+    """
+    cpus = range(os.cpu_count() or 1)
+
+    def launch(argv: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(argv, preexec_fn=lambda: os.sched_setaffinity(0, cpus), **kwargs)
+
+    return launch
+
+
+def udp_receive_errors() -> int:
+    """
+    Datagrams the kernel dropped for a full socket receive buffer, machine-wide.
+    """
+    lines = [line.split() for line in Path("/proc/net/snmp").read_text().splitlines()]
+    names, values = [line for line in lines if line[0] == "Udp:"][:2]
+    return int(values[names.index("RcvbufErrors")])
+
+
+def fetch_nonce(sock: socket.socket, server: tuple[str, int], name: str, key: bytes) -> bytes:
+    """
+    The nonce the node gives this socket: the 438 answer to a request with
+    a blank one (refused before its number is looked at).
+    """
+    agent = SimAgent(name, key, sock, server)
+    tid = os.urandom(12)
+    sock.sendto(agent.request(Method.REGISTER, [], tid), server)
+    answer = agent.wait(tid)
+    nonce = answer.get(Attr.NONCE)
+    assert wire.error_of(answer)[0] == 438 and nonce is not None, wire.error_of(answer)
+    return nonce
+
+
+@dataclass
+class Phase:
+    """
+    Part C{part} of C{parts} of a pass over the population (keepalive
+    round C{number}, 0 for the first registrations): every agent of that
+    part sends one REGISTER, spread evenly at C{rate} per second.
+    """
+
+    label: str
+    rate: float
+    number: int
+    part: int = 0
+    parts: int = 1
+
+    def members(self, indices: range) -> range:
+        size = len(indices)
+        return indices[self.part * size // self.parts : (self.part + 1) * size // self.parts]
+
+
 def population(
-    root: Path, redis: RedisServer, generator: Generator, count: int, rounds: int
+    root: Path,
+    redis: RedisServer,
+    binary: Path,
+    count: int,
+    rounds: int,
+    register_rate: float,
 ) -> None:
+    """
+    C{count} agents registered across two nodes (directory in Redis), then
+    kept alive at 20 s: every agent sends one REGISTER per round.
+    """
     d = Deployment(root / "population", binding_rate=0, keepalive=KEEPALIVE)
     service = Service(d, redis)
     client = redis.client()
-    try:
+    with contextlib.ExitStack() as stack:
+        stack.callback(service.close)
         client.execute("FLUSHDB")
         base_memory = used_memory(client)
-        print(f"  generating {count:,} agents' keys ...", flush=True)
         started = time.monotonic()
-        server_key = d.rendezvous_key.public_key()
-        agents = {f"a{i:07d}": PrivateKey.generate() for i in range(count)}
-        keys = {n: derive_rendezvous_key(k, server_key, n) for n, k in agents.items()}
-        entries = [PeerEntry(n, k.public_key()) for n, k in agents.items()]
-        directory.add(client, entries)
-        dir_memory = used_memory(client)
+        agents = population_mod.make(count, d.rendezvous_key.public_key())
         print(
-            f"  directory of {count:,} imported in {time.monotonic() - started:.1f} s: "
-            f"{(dir_memory - base_memory) / count:.0f} bytes per agent in Redis"
-        )
-        for name in ("n1", "n2"):
-            service.add_node(name, directory="redis")
-            service.start_node(name)
-        pids = {n: service.nodes[n].process.pid for n in ("n1", "n2")}  # type: ignore[union-attr]
-        wait_for(
-            lambda: all("directory loaded from Redis" in service.tail(n) for n in pids), 300, "load"
-        )
-        idle = {n: rss_mib(p) for n, p in pids.items()}
-        names = sorted(agents)
-        halves = {"n1": names[: count // 2], "n2": names[count // 2 :]}
-        feeds = {}
-        for node, members in halves.items():
-            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            sock.bind(("127.0.0.1", 0))
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
-            keepalives = Keepalives(d, {n: agents[n] for n in members[:1]}, sock)
-            keepalives.keys = {n: keys[n] for n in members}
-            keepalives.names = members
-            keepalives.sequence = dict.fromkeys(members, time.time_ns() // 1000)
-            keepalives.server = ("127.0.0.1", service.nodes[node].port)
-            keepalives.fetch_nonce()
-            target = Target(node, keepalives.server, pids[node])
-            feeds[node] = (sock, keepalives, target)
-        rate = count / KEEPALIVE
-        print(
-            f"  keepalives: {count:,} agents every {KEEPALIVE:g} s = {rate:,.0f}/s over two "
-            f"nodes, {rounds} rounds",
+            f"  {count:,} agents' keys made and derived in {time.monotonic() - started:.0f} s "
+            f"on {os.cpu_count()} CPUs",
             flush=True,
         )
-        results: dict[str, Step] = {}
-        steps_by_node: dict[str, list[Step]] = {n: [] for n in feeds}
-        slow = Generator(generator.binary, generator.cpu, KEEPALIVE)
-        for rnd in range(rounds):
-            threads = []
-            for node, (sock, keepalives, target) in feeds.items():
-                members = len(keepalives.names)
-
-                def one(
-                    node: str = node,
-                    sock: socket.socket = sock,
-                    k: Keepalives = keepalives,
-                    t: Target = target,
-                    members: int = members,
-                ) -> None:
-                    run_id = os.urandom(4)
-                    records = root / f"pop-{node}"
-                    k.records(members, run_id, records)
-                    steps_by_node[node].append(
-                        slow.run(
-                            t,
-                            int(members / KEEPALIVE),
-                            sock=sock,
-                            records=records,
-                            run_id=run_id,
-                            expect=REGISTER_SUCCESS,
-                        )
-                    )
-
-                threads.append(threading.Thread(target=one))
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            for node, steps in steps_by_node.items():
-                s = steps[-1]
-                results[node] = s
-                print(
-                    f"  round {rnd + 1} {node}: sent {s.sent:,}, answered {s.answered:,}, "
-                    f"lost {100 * s.loss:.3f}% (kernel drops: node {s.server_drops:,}, "
-                    f"generator {s.client_drops:,}), node CPU {100 * s.server_cpu:.0f}%",
-                    flush=True,
-                )
-        registered = int(client.execute("ZCARD", "punchd:net:default"))
-        for node in pids:
-            for line in service.tail(node).splitlines():
-                if "could not" in line or "Traceback" in line or "rror" in line:
-                    print("   ", node, line)
-        memory = used_memory(client)
-        print(f"  registered in Redis: {registered:,} agents")
+        started = time.monotonic()
+        directory.add(client, agents.entries())
+        dir_memory = used_memory(client)
         print(
-            f"  Redis memory: {memory / 2**20:.0f} MiB in all; per agent "
-            f"{(memory - dir_memory) / max(registered, 1):.0f} bytes of registration + "
-            f"{(dir_memory - base_memory) / count:.0f} bytes of directory"
+            f"  directory of {count:,} imported in {time.monotonic() - started:.0f} s: "
+            f"{(dir_memory - base_memory) / count:.0f} bytes per agent in Redis",
+            flush=True,
         )
-        for node, pid in pids.items():
-            now = rss_mib(pid)
-            held = len(halves[node])
-            print(
-                f"  node {node}: RSS {now:.0f} MiB ({idle[node]:.0f} MiB with the directory "
-                f"loaded, before registrations: {(now - idle[node]) * 2**20 / held:.0f} bytes "
-                f"per registered agent)"
-            )
-        latency(feeds, keys, names, halves)
-        pages(feeds, keys, halves, client, count)
-    finally:
-        service.close()
+        nodes = ("n1", "n2")
+        for name in nodes:
+            service.add_node(name, directory="redis")
+            service.start_node(name, launch=all_cpus())
+        pids = {n: service.nodes[n].process.pid for n in nodes}  # type: ignore[union-attr]
+        started = time.monotonic()
+        wait_for(
+            lambda: all("directory loaded from Redis" in service.tail(n) for n in pids),
+            60 + count / 2_000,
+            "the directory to load",
+        )
+        print(f"  both nodes loaded the directory in {time.monotonic() - started:.0f} s")
+        idle = {n: rss_mib(p) for n, p in pids.items()}
+        members = {"n1": range(0, count // 2), "n2": range(count // 2, count)}
+        addresses = {n: ("127.0.0.1", service.nodes[n].port) for n in nodes}
+        # A nonce lasts four minutes at least: registrations go in parts.
+        parts = math.ceil(count / register_rate / NONCE_SECONDS)
+        phases = [
+            Phase(f"registration {p + 1}/{parts}", register_rate, 0, p, parts) for p in range(parts)
+        ]
+        rate = count / KEEPALIVE
+        phases += [Phase(f"keepalive round {r}", rate, r) for r in range(1, rounds + 1)]
+        # One socket per node for the whole run: an agent whose source
+        # address changed would be a move (a claim in Redis and a log line).
+        sockets = {n: stack.enter_context(udp_socket()) for n in nodes}
+        for phase in phases:
+            feeds = {
+                n: (sockets[n], Target(n, addresses[n], pids[n]), phase.members(members[n]))
+                for n in nodes
+            }
+            run_phase(root, redis, binary, agents, phase, feeds)
+        report_population(service, client, agents, pids, idle, base_memory, dir_memory)
+        keys = agents.key_map()
+        halves = {n: [agents.names[i] for i in members[n]] for n in nodes}
+        latency(addresses, keys, halves)
+        pages(addresses, keys, halves, count)
+
+
+def udp_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+def run_phase(
+    root: Path,
+    redis: RedisServer,
+    binary: Path,
+    agents: population_mod.Population,
+    phase: Phase,
+    feeds: dict[str, tuple[socket.socket, Target, range]],
+) -> None:
+    """
+    Both nodes' halves at once, one C generator each, with what says where
+    losses happened: the nodes' and Redis's CPU, the generators' CPU, and
+    the kernel's receive-buffer drops.
+    """
+    prepared = {}
+    started = time.monotonic()
+    for node, (sock, target, indices) in feeds.items():
+        first = agents.names[indices[0]]
+        nonce = fetch_nonce(sock, target.address, first, agents.keys[indices[0]])
+        run_id = os.urandom(4)
+        records = population_mod.keepalives(
+            agents, indices, phase.number, nonce, run_id, root / f"pop-{node}"
+        )
+        prepared[node] = (sock, target, records, run_id, len(indices))
+    signing = time.monotonic() - started
+    rate = phase.rate / len(feeds)
+    steps: dict[str, Step] = {}
+
+    def one(node: str) -> None:
+        sock, target, records, run_id, size = prepared[node]
+        generator = Generator(binary, None, size / rate)
+        steps[node] = generator.run(
+            target, int(rate), sock=sock, records=records, run_id=run_id, expect=REGISTER_SUCCESS
+        )
+
+    watched = {n: t.pid for n, (_, t, _) in feeds.items()}
+    watched["redis"] = redis.process.pid  # type: ignore[union-attr]
+    cpu_before = {n: cpu_seconds(p) for n, p in watched.items()}
+    children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    drops_before = udp_receive_errors()
+    wall = time.monotonic()
+    threads = [threading.Thread(target=one, args=(n,)) for n in feeds]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.monotonic() - wall
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    generators = (children.ru_utime + children.ru_stime) - (
+        children_before.ru_utime + children_before.ru_stime
+    )
+    cpu = {n: 100 * (cpu_seconds(p) - cpu_before[n]) / wall for n, p in watched.items()}
+    seconds = max(s.send_seconds for s in steps.values())
+    print(
+        f"  {phase.label}: {phase.rate:,.0f}/s offered for {seconds:.0f} s "
+        f"(signed in {signing:.0f} s beforehand); UDP receive-buffer drops "
+        f"{udp_receive_errors() - drops_before:,}; CPU: redis {cpu['redis']:.0f}%, "
+        f"generators {100 * generators / wall:.0f}%, load average {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
+    for node, s in steps.items():
+        print(
+            f"    {node}: sent {s.sent:,}, answered {s.answered:,}, lost {100 * s.loss:.3f}% "
+            f"(dropped at the node's socket {s.server_drops:,}, at the generator's "
+            f"{s.client_drops:,}), node CPU {cpu[node]:.0f}%",
+            flush=True,
+        )
+
+
+def report_population(
+    service: Service,
+    client: BlockingRedis,
+    agents: population_mod.Population,
+    pids: dict[str, int],
+    idle: dict[str, float],
+    base_memory: int,
+    dir_memory: int,
+) -> None:
+    count = len(agents.names)
+    registered = int(client.execute("ZCARD", "punchd:net:default"))
+    for node in pids:
+        for line in service.tail(node).splitlines():
+            if "could not" in line or "Traceback" in line or "rror" in line:
+                print("   ", node, line)
+    memory = used_memory(client)
+    print(f"  registered in Redis: {registered:,} agents")
+    print(
+        f"  Redis memory: {memory / 2**20:.0f} MiB in all; per agent "
+        f"{(memory - dir_memory) / max(registered, 1):.0f} bytes of registration + "
+        f"{(dir_memory - base_memory) / count:.0f} bytes of directory"
+    )
+    for node, pid in pids.items():
+        now = rss_mib(pid)
+        held = count // len(pids)
+        print(
+            f"  node {node}: RSS {now:.0f} MiB ({idle[node]:.0f} MiB with the directory "
+            f"loaded, before registrations: {(now - idle[node]) * 2**20 / held:.0f} bytes "
+            f"per registered agent)"
+        )
 
 
 def latency(
-    feeds: dict[str, tuple[socket.socket, Keepalives, Target]],
+    addresses: dict[str, tuple[str, int]],
     keys: dict[str, bytes],
-    names: list[str],
     halves: dict[str, list[str]],
     samples: int = 200,
 ) -> None:
     """
     Connect from an agent of n1 to an agent of n1 (same node) or n2 (cross).
     """
-    addresses = {n: feeds[n][2].address for n in feeds}
     lifetime = [(Attr.LIFETIME, stun.encode_u32(600))]
     with contextlib.ExitStack() as stack:
         # One socket per role, so that one nonce each serves every sample
@@ -559,10 +678,9 @@ def introduce(initiator: SimAgent, target: SimAgent) -> float | None:
 
 
 def pages(
-    feeds: dict[str, tuple[socket.socket, Keepalives, Target]],
+    addresses: dict[str, tuple[str, int]],
     keys: dict[str, bytes],
     halves: dict[str, list[str]],
-    client: BlockingRedis,
     count: int,
 ) -> None:
     """
@@ -571,7 +689,7 @@ def pages(
     name = halves["n1"][0]
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.bind(("127.0.0.1", 0))
-        agent = SimAgent(name, keys[name], sock, feeds["n1"][2].address)
+        agent = SimAgent(name, keys[name], sock, addresses["n1"])
         agent.ask(Method.REGISTER, [(Attr.LIFETIME, stun.encode_u32(600))])
         names = halves["n1"] + halves["n2"]
         for label, after in (
@@ -611,44 +729,70 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--agents", type=int, default=100_000, help="simulated population")
     parser.add_argument("--rounds", type=int, default=2, help="keepalive rounds of 20 s")
+    parser.add_argument(
+        "--register-rate",
+        type=float,
+        default=5_000,
+        help="first registrations per second, over both nodes",
+    )
     parser.add_argument("--duration", type=float, default=2.0, help="seconds per step")
     parser.add_argument("--quick", action="store_true", help="fewer steps, 20,000 agents")
     parser.add_argument("--skip-rates", action="store_true")
+    parser.add_argument("--only-population", action="store_true")
     args = parser.parse_args(argv)
     rates = QUICK_RATES if args.quick else RATES
     count = 20_000 if args.quick else args.agents
     generator_cpu, server_cpu = cpus()
-    previous = os.sched_getaffinity(0)
-    if generator_cpu is not None:
-        os.sched_setaffinity(0, {generator_cpu})
     print(
-        f"rendezvous on Redis: generator on CPU {generator_cpu}, nodes on CPU {server_cpu}; "
+        f"rendezvous on Redis: {os.cpu_count()} CPUs; "
         f"load average {os.getloadavg()[0]:.2f} at start"
     )
-    try:
-        with tempfile.TemporaryDirectory(prefix="bench-redis-") as tmp:
-            root = Path(tmp)
-            generator = Generator(compile_loadgen(root), generator_cpu, args.duration)
-            with redis_server(root) as redis:
-                if not args.skip_rates:
-                    print("Signed keepalives, memory vs Redis registry (same CPU, in turn):")
+    with tempfile.TemporaryDirectory(prefix="bench-redis-") as tmp:
+        root = Path(tmp)
+        binary = compile_loadgen(root)
+        generator = Generator(binary, generator_cpu, args.duration)
+        with redis_server(root) as redis:
+            if not (args.skip_rates or args.only_population):
+                print(f"Generator on CPU {generator_cpu}, servers on CPU {server_cpu}.")
+                print("Signed keepalives, memory vs Redis registry (same CPU, in turn):")
+                with pinned_self(generator_cpu):
                     results = keepalive_ladders(root, redis, generator, server_cpu, rates)
-                    for name, steps in results.items():
-                        print_table(name, steps)
-                    report_ratio(results)
-                    print("\nTwo workers of one node (both CPUs, generator included):")
+                for name, steps in results.items():
+                    print_table(name, steps)
+                report_ratio(results)
+                print("\nTwo workers of one node (both CPUs, generator included):")
+                with pinned_self(generator_cpu):
                     rows = two_workers(root, redis, generator, rates)
-                    for rate, answered, loss, per_cpu in rows:
-                        print(
-                            f"  {rate:>7,}/s offered: {answered:>8,.0f} answered/s, "
-                            f"{100 * loss:.2f}% lost, {per_cpu:,.0f} per CPU-second"
-                        )
+                for rate, answered, loss, per_cpu in rows:
+                    print(
+                        f"  {rate:>7,}/s offered: {answered:>8,.0f} answered/s, "
+                        f"{100 * loss:.2f}% lost, {per_cpu:,.0f} per CPU-second"
+                    )
+            if not args.only_population:
                 half = count // 2
-                print(f"\n{half:,} agents on one process, memory vs Redis registry:")
+                print(
+                    f"\n{half:,} agents on one process, memory vs Redis registry "
+                    f"(process on CPU {server_cpu}, generator on CPU {generator_cpu}):"
+                )
                 for registry in ("memory", "redis"):
-                    one_node(root, redis, generator, half, registry)
-                print(f"\nA population of {count:,} agents on two nodes:")
-                population(root, redis, generator, count, args.rounds)
+                    one_node(root, redis, generator, half, registry, server_cpu)
+            print(
+                f"\nA population of {count:,} agents on two nodes (nothing pinned: nodes, "
+                "Redis and the two generators share both CPUs):"
+            )
+            population(root, redis, binary, count, args.rounds, args.register_rate)
+
+
+@contextlib.contextmanager
+def pinned_self(cpu: int | None) -> Iterator[None]:
+    """
+    This process (and what it starts) on C{cpu} for a while.
+    """
+    previous = os.sched_getaffinity(0)
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
+    try:
+        yield
     finally:
         os.sched_setaffinity(0, previous)
 

@@ -8,6 +8,7 @@ to log punchd's lines at punchd's level (L{adopt_launcher}).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
@@ -24,6 +25,7 @@ from twisted.logger import (
     LogLevelFilterPredicate,
     formatEvent,
     formatEventAsClassicLogText,
+    formatTime,
 )
 from zope.interface import implementer
 
@@ -90,8 +92,17 @@ class TextLines:
 
 
 def _iso(when: float | None) -> str:
-    from twisted.logger import formatTime
+    """
+    twisted.logger's timestamp, which has whole seconds, made once per
+    second: a registration storm logs thousands of lines a second, and a
+    time zone, a datetime and a strftime for each cost the rendezvous a
+    tenth of its CPU (docs/scale-out.rst).
+    """
+    return "-" if when is None else _second(int(when))
 
+
+@functools.lru_cache(maxsize=2)
+def _second(when: int) -> str:
     return formatTime(when)
 
 

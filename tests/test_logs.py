@@ -5,6 +5,7 @@ lines only with PUNCHD_DEBUG, and the config's log_format under both.
 
 from __future__ import annotations
 
+import io
 import re
 import subprocess
 import sys
@@ -13,9 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from twisted.logger import LogLevel, formatTime
 
 from netlab.deployment import TWIST, Deployment
 from punchd import client
+from punchd.logs import TextLines
 
 BIN = Path(sys.executable).parent
 #: A punchd text line: time, [namespace#level], message.
@@ -90,3 +93,21 @@ def test_twistd_logfile_gets_its_own_text_without_debug_lines(deployment: Deploy
     lines = logfile.read_text().splitlines()
     assert any("registered with rendezvous" in line for line in lines), lines
     assert not any("#debug]" in line or "control status" in line for line in lines), lines
+
+
+def test_text_lines_are_stamped_with_the_second_of_each_event() -> None:
+    out = io.StringIO()
+    observer = TextLines(out, timestamps=True)
+    times = [1_700_000_000.2, 1_700_000_000.9, 1_700_000_001.1, 1_700_000_000.5]
+    for when in times:
+        observer(
+            {
+                "log_format": "line",
+                "log_time": when,
+                "log_level": LogLevel.info,
+                "log_namespace": "punchd.test",
+            }
+        )
+    stamps = [line.split(" ")[0] for line in out.getvalue().splitlines()]
+    assert stamps == [formatTime(when) for when in times]
+    assert stamps[0] == stamps[1] != stamps[2]
