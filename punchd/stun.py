@@ -78,6 +78,7 @@ class Attr(enum.IntEnum):
     RELAY_PORT = 0x4D0D
     HARD_NAT = 0x4D0E
     ALTERNATE_PORT = 0x4D10
+    RELAY_REFUSED = 0x4D11
 
 
 def _attr_name(attr_type: int) -> str:

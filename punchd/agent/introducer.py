@@ -42,6 +42,8 @@ class RendezvousIntroducer:
     pinned: PublicKey | None
     #: Turns the rendezvous' failures into L{TunnelFailed}.
     explain: Callable[[Failure], Failure]
+    #: Why the rendezvous gave no relay we asked for, in its words.
+    relay_refused: str | None = None
 
     def introduce(self, tunnel_id: bytes, candidates: list[Candidate]) -> Deferred[Introduced]:
         def attributes(transaction_id: bytes) -> list[tuple[int, bytes]]:
@@ -79,6 +81,9 @@ class RendezvousIntroducer:
                 c for c in wire.decode_candidates(message) if c.kind != CandidateKind.RELAY
             ]
             relay = relay_candidate(message, self.client.server)
+            refused = message.get(Attr.RELAY_REFUSED)
+            if refused is not None and not relay:
+                self.relay_refused = printable(refused)
         except wire.ProtocolError as e:
             raise TunnelFailed("internal", f"bad candidates from the rendezvous: {e}") from None
         return [*candidates, *relay], key, nonce, message.has(Attr.HARD_NAT)
@@ -95,3 +100,12 @@ def relay_candidate(message: stun.Message, rendezvous: tuple[str, int] | None) -
     if len(value) != 4 or not 0 < stun.decode_u32(value) < 65536:
         raise wire.ProtocolError(400, "bad relay port")
     return [Candidate(CandidateKind.RELAY, rendezvous[0], stun.decode_u32(value))]
+
+
+def printable(value: bytes) -> str:
+    """
+    A reason the rendezvous gave, safe to show and log: at most 128
+    characters, control characters replaced.
+    """
+    text = value[:128].decode("utf-8", "replace")
+    return "".join(c if c.isprintable() else "?" for c in text)

@@ -231,7 +231,16 @@ class Puncher:
             budget,
             hard=introducer.hard,
         )
-        return tunnel.result
+
+        def no_relay_either(failure: Failure) -> Failure:
+            # Nothing direct worked, and the relay we asked for was refused: say why.
+            error = failure.value
+            refused = introducer.relay_refused
+            if isinstance(error, TunnelFailed) and error.code == "unreachable" and refused:
+                return Failure(TunnelFailed(error.code, f"{error.message}; no relay: {refused}"))
+            return failure
+
+        return tunnel.result.addErrback(no_relay_either)
 
     def _tunnel(
         self,

@@ -25,6 +25,9 @@ from punchd.rendezvous.registry import IRegistry, Registration
 from punchd.retransmit import RequestTimedOut
 from punchd.stun import Attr, MessageClass, Method
 
+#: Bytes of a relay refusal's reason sent to the initiator, at most.
+MAX_REFUSAL = 128
+
 log = Logger()
 
 Address = tuple[str, int]
@@ -172,7 +175,9 @@ class Introducer:
         if registration is not None and (
             message.has(Attr.RELAY) or self._over_tls(registration.address)
         ):
-            introduction.relay_ports = self._allocate(tunnel_id, request.name, target)
+            self._allocate(introduction)
+        elif message.has(Attr.RELAY):
+            introduction.relay_refused = "the peer is registered on another node of the service"
         incoming_id = introduction.incoming_id
         forwarded = wire.signed(
             Method.INCOMING,
@@ -247,24 +252,30 @@ class Introducer:
             return
         self._introductions.answer(message.transaction_id, message)
 
-    def _allocate(self, tunnel_id: bytes, initiator: str, target: str) -> tuple[int, int] | None:
+    def _allocate(self, introduction: Introduction) -> None:
         """
-        Two relay ports for this tunnel, in case no direct pair works; None
-        when there is no relay or it refuses (the tunnel may still go direct).
+        Two relay ports for this tunnel, in case no direct pair works; or,
+        when there is no relay or it refuses, why not (the tunnel may still
+        go direct, and the initiator's failure can say why it did not go
+        through the relay).
         """
         if self._relay is None:
-            return None
+            introduction.relay_refused = "this rendezvous runs no relay"
+            return
+        initiator, target = introduction.initiator, introduction.target
         try:
-            return self._relay.allocate(tunnel_id, initiator, target)
+            introduction.relay_ports = self._relay.allocate(
+                introduction.tunnel_id, initiator, target
+            )
         except RelayRefused as e:
             self._counters["relay-refused"] += 1
+            introduction.relay_refused = e.reason
             log.info(
                 "no relay for {initiator} -> {target}: {reason}",
                 initiator=initiator,
                 target=target,
                 reason=e.reason,
             )
-            return None
 
     def _finish(
         self, introduction: Introduction, cls: MessageClass, attributes: Attributes
@@ -311,6 +322,7 @@ class Introducer:
                 *wire.encode_candidates(candidates, introduction.connect_id),
                 *_flag(answer, Attr.HARD_NAT),
                 *_relay_port(introduction, 0),
+                *_relay_refusal(introduction),
             ],
         )
 
@@ -332,6 +344,15 @@ class Introducer:
             return f"{target}'s agent went offline"
         silent = round(now - registration.refreshed)
         return f"{target}'s agent has not been heard from for {silent} s"
+
+
+def _relay_refusal(introduction: Introduction) -> list[tuple[int, bytes]]:
+    """
+    RELAY-REFUSED for the initiator, when it asked for a relay and got none.
+    """
+    if introduction.relay_refused is None:
+        return []
+    return [(Attr.RELAY_REFUSED, introduction.relay_refused.encode("utf-8")[:MAX_REFUSAL])]
 
 
 def _relay_port(introduction: Introduction, side: int) -> list[tuple[int, bytes]]:

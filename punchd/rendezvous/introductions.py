@@ -45,6 +45,8 @@ class Introduction:
     tunnel_id: bytes = b""
     #: The relay ports allocated with it: (initiator's, target's).
     relay_ports: tuple[int, int] | None = None
+    #: Why the initiator asked for a relay and got none, in words.
+    relay_refused: str | None = None
 
 
 class Introductions:

@@ -120,3 +120,16 @@ def test_a_relayed_tunnel_outlives_both_agents(lab: Lab) -> None:
             bob.finish()
     finally:
         world.close()
+
+
+def test_without_a_relay_a_pair_with_no_direct_path_is_told_why(lab: Lab) -> None:
+    world = World(lab, rendezvous_extra="relay = false\n")
+    try:
+        world.add("conea", "cone")
+        world.add("syma", "symmetric")
+        world.start()
+        outcome = world.tunnel("conea1", "syma1", count=5, timeout=6.0)
+        assert not outcome.ok and outcome.code == "unreachable"
+        assert "no relay: this rendezvous runs no relay" in outcome.message, outcome.message
+    finally:
+        world.close()

@@ -14,6 +14,7 @@ import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Any
 
 import pytest
 from twisted.internet.task import Clock
@@ -23,6 +24,7 @@ from punchd.agent.rendezvous_client import CONNECT_BACKOFF
 from punchd.config import PeerEntry
 from punchd.gather import build_gather_request, parse_gather_answer
 from punchd.keys import PrivateKey, PublicKey, derive_rendezvous_key
+from punchd.relay import RelayRefused
 from punchd.rendezvous.answers import RECENT_ANSWER_SECONDS
 from punchd.rendezvous.auth import BAD_SEQUENCE, NONCE_BUCKET, NONCE_BUCKETS_VALID, SEQUENCE_AHEAD
 from punchd.rendezvous.gathering import GATHER_BURST, GATHER_RATE
@@ -128,6 +130,7 @@ class Harness:
         binding_burst: float = 1.0,
         max_pending: int = 256,
         max_lifetime: int = 600,
+        relay: Any = None,
     ) -> None:
         self.clock = Clock()
         self.clock.advance(START)
@@ -140,6 +143,7 @@ class Harness:
             error_limiter=SourceLimiter(ERROR_RATE, ERROR_BURST, self.clock.seconds),
             max_pending=max_pending,
             max_lifetime=max_lifetime,
+            relay=relay,
         )
         self.transport = FakeDatagramTransport()
         self.protocol.makeConnection(self.transport)  # type: ignore[arg-type]
@@ -1265,3 +1269,65 @@ def test_register_replies_and_introductions_carry_the_rendezvous_time() -> None:
     h.clock.advance(3.0)
     introduction = start_connect(h, agents["alice"], agents["bob"])
     assert wire.decode_timestamp(introduction.incoming) == pytest.approx(h.clock.seconds())
+
+
+class FullRelay:
+    """A relay whose every allocation is refused, as when an agent has too many."""
+
+    def allocate(self, tunnel_id: bytes, initiator: str, responder: str) -> tuple[int, int]:
+        raise RelayRefused("busy", f"agent {initiator} has 16 relayed tunnels")
+
+    def release(self, tunnel_id: bytes) -> None:
+        raise AssertionError("nothing was allocated")
+
+
+@pytest.mark.parametrize(
+    ("relay", "reason"),
+    [
+        (None, "this rendezvous runs no relay"),
+        (FullRelay(), "agent alice has 16 relayed tunnels"),
+    ],
+    ids=["no relay", "refused"],
+)
+def test_a_relay_asked_for_and_not_given_is_explained_to_the_initiator(
+    relay: Any, reason: str
+) -> None:
+    agents = {
+        "alice": Agent("alice", ("203.0.113.5", 41000)),
+        "bob": Agent("bob", ("198.51.100.20", 42000)),
+    }
+    h = Harness(list(agents.values()), relay=relay)
+    for agent in agents.values():
+        h.register(agent)
+    alice, bob = agents["alice"], agents["bob"]
+    attributes = connect_attributes("bob")
+    tid, data = alice.request(Method.CONNECT, lambda t: [*attributes(t), (Attr.RELAY, b"")])
+    ((forwarded, _),) = h.receive(data, alice.address)
+    incoming = stun.parse(forwarded)
+    assert not incoming.has(Attr.RELAY_PORT) and not incoming.has(Attr.RELAY_REFUSED)
+    accepted = wire.signed(
+        Method.INCOMING,
+        MessageClass.SUCCESS,
+        incoming.transaction_id,
+        accept(incoming.transaction_id),
+        bob.key,
+    )
+    answer = h.answer_of(alice, tid, h.receive(accepted, bob.address))
+    assert answer.cls == MessageClass.SUCCESS and not answer.has(Attr.RELAY_PORT)
+    assert answer.get(Attr.RELAY_REFUSED) == reason.encode()
+    # Not asked, not explained.
+    h2 = Harness(list(agents.values()), relay=relay)
+    for agent in agents.values():
+        h2.register(agent)
+    tid, data = alice.request(Method.CONNECT, connect_attributes("bob", tunnel_id=b"U" * 16))
+    ((forwarded, _),) = h2.receive(data, alice.address)
+    incoming = stun.parse(forwarded)
+    accepted = wire.signed(
+        Method.INCOMING,
+        MessageClass.SUCCESS,
+        incoming.transaction_id,
+        accept(incoming.transaction_id),
+        bob.key,
+    )
+    answer = h2.answer_of(alice, tid, h2.receive(accepted, bob.address))
+    assert answer.cls == MessageClass.SUCCESS and not answer.has(Attr.RELAY_REFUSED)

@@ -1,0 +1,57 @@
+"""
+What the initiator learns from the rendezvous' answer to its Connect.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from punchd import stun
+from punchd.agent.introducer import RendezvousIntroducer, printable
+from punchd.keys import PrivateKey
+from punchd.stun import Attr, MessageClass, Method
+
+
+class Client:
+    server = ("192.0.2.1", 3478)
+
+
+def introducer() -> RendezvousIntroducer:
+    return RendezvousIntroducer(
+        Client(),  # type: ignore[arg-type]
+        "bob",
+        "chat",
+        wait=True,
+        relay=True,
+        hard=False,
+        pinned=None,
+        explain=lambda failure: failure,
+    )
+
+
+def answer(*extra: tuple[int, bytes]) -> stun.Message:
+    attributes: list[tuple[int, bytes]] = [
+        (Attr.PUBLIC_KEY, PrivateKey.generate().public_key().raw),
+        (Attr.TUNNEL_NONCE, bytes(16)),
+        *extra,
+    ]
+    tid = stun.new_transaction_id()
+    return stun.parse(stun.build(Method.CONNECT, MessageClass.SUCCESS, tid, attributes))
+
+
+def test_a_refused_relay_is_remembered_in_words() -> None:
+    asker = introducer()
+    candidates, *_rest = asker.answered(answer((Attr.RELAY_REFUSED, b"agent alice has 16")))
+    assert candidates == [] and asker.relay_refused == "agent alice has 16"
+
+
+def test_a_relay_port_leaves_nothing_refused() -> None:
+    asker = introducer()
+    found: Any = asker.answered(answer((Attr.RELAY_PORT, stun.encode_u32(50000))))
+    assert [c.address for c in found[0]] == [("192.0.2.1", 50000)]
+    assert asker.relay_refused is None
+
+
+def test_what_the_rendezvous_says_is_shown_safely() -> None:
+    assert printable(b"busy\n\x1b[31m" + "é".encode() + b"\xff") == "busy??[31mé\ufffd"
+    assert len(printable(b"x" * 1000)) == 128
