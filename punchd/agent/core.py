@@ -23,6 +23,7 @@ from punchd.agent.candidates import host_addresses
 from punchd.agent.fallback import PathCore, RendezvousPath, build_path_machine
 from punchd.agent.netcheck import NetChecker, gather_both
 from punchd.agent.portmap import PortMapper
+from punchd.agent.preferred import PreferredCheck
 from punchd.agent.puncher import Puncher
 from punchd.agent.registration import (
     Registered,
@@ -47,6 +48,10 @@ from punchd.wire import format_address
 log = Logger()
 
 SIGN_OFF = Backoff(initial=0.3, maximum=0.3, attempts=2)
+#: Keepalives between checks of whether the first rendezvous answers again
+#: (once registered with another), and the fewest seconds between them.
+PREFERRED_CHECK = 3
+PREFERRED_CHECK_MIN = 30.0
 
 FRIENDLY = {
     "peer-unknown": "{peer} is not a peer in this network",
@@ -120,6 +125,13 @@ class Agent:
             settings.rendezvous, "all", (settings.rendezvous,)
         )
         self._server = 0
+        self.preferred = PreferredCheck(
+            reactor,
+            max(PREFERRED_CHECK * settings.keepalive, PREFERRED_CHECK_MIN),
+            self._away_from_first,
+            self._probe_first,
+            self._back_to_first,
+        )
         #: Each node's TLS address, for when UDP to it is blocked (None: never).
         self._tls_servers = tls_addresses(settings, self._servers)
         self.registration_core = RegistrationCore(
@@ -209,6 +221,7 @@ class Agent:
         """
         registered = self.registration.describe() == "registered"
         self.registration.stop()
+        self.preferred.stop()
         self.client.cancel_all()
         self.punch.cancel_all()
         signed_off: Deferred[object] = succeed(None)
@@ -225,8 +238,8 @@ class Agent:
 
         return signed_off.addBoth(close)
 
-    def _resolve(self) -> Deferred[tuple[str, int]]:
-        host, port = self.rendezvous
+    def _resolve(self, server: tuple[str, int] | None = None) -> Deferred[tuple[str, int]]:
+        host, port = server or self.rendezvous
         try:
             ipaddress.ip_address(host)
         except ValueError:
@@ -255,6 +268,26 @@ class Agent:
             return d.addCallback(lambda gathered: gathered.main is not None)
 
         return self._resolve().addCallback(probe)
+
+    def _probe_first(self) -> Deferred[bool]:
+        """
+        Whether the first rendezvous of the list answers over UDP.
+        """
+
+        def probe(server: tuple[str, int]) -> Deferred[bool]:
+            d = gather_both(self.reactor, server, 0, self.settings.name, self.punch.key)
+            return d.addCallback(lambda gathered: gathered.main is not None)
+
+        return self._resolve(self._servers[0]).addCallback(probe)
+
+    def _away_from_first(self) -> bool:
+        over_tls = self.client.stream is not None
+        registered = self.registration.describe() == "registered"
+        return self._server != 0 and registered and not over_tls
+
+    def _back_to_first(self) -> None:
+        self._server = 0
+        self.registration.reregisterNow()
 
     def _use_stream(self, stream: RendezvousStream | None) -> None:
         self.client.stream = stream
@@ -298,6 +331,8 @@ class Agent:
             except wire.ProtocolError:
                 log.warn("the rendezvous' reply carries no time: introductions will be refused")
             self._heard_alternate_port(message)
+            if self._server != 0:
+                self.preferred.start()
             old = self.registration_core.mapped
             if mapped != old and not over_tls:
                 self.reactor.callLater(0, self.netchecker.moved, old, mapped)

@@ -160,11 +160,36 @@ def test_a_node_that_was_taken_for_dead_does_not_steal_agents_back(service: Serv
     finally:
         process.send_signal(signal.SIGCONT)
     wait_for(lambda: "taken for dead" in service.tail("node2"), 30, "node2 to notice it was swept")
+    # Redis holds bob where bob last registered: node1, or node2 once bob
+    # has moved back to its first rendezvous by itself, never node2's
+    # stale claim while bob is on node1.
+    redis = service.redis.client()
+
+    def held_where_registered() -> bool:
+        holder = redis.execute("HGET", "punchd:agent:bob", "node").decode()
+        for name in ("node1", "node2"):
+            if on_node(service, d, "bob", name):
+                process = service.nodes[name].process
+                return process is not None and f"-{process.pid}-" in holder
+        return False
+
+    # bob asks node2 again only 30 s after it moved: it is still on node1.
     time.sleep(1)
     assert on_node(service, d, "bob", "node1")
+    wait_for(held_where_registered, 10, "Redis to hold bob where bob registered")
     wait_peers(d, "alice", ["bob", "carol"])
-    redis = service.redis.client()
-    holder = redis.execute("HGET", "punchd:agent:bob", "node").decode()
-    assert holder == redis.execute("HGET", "punchd:agent:alice", "node").decode()
     check_tunnel(d, "alice", "bob")
     check_tunnel(d, "bob", "carol")
+
+
+def test_agents_move_back_to_their_first_rendezvous_when_it_returns(service: Service) -> None:
+    d = service.deployment
+    service.kill_node("node2")
+    wait_for(lambda: on_node(service, d, "bob", "node1"), FAILOVER, "bob to fail over to node1")
+    service.start_node("node2")
+    # 30 s after it moved (three keepalives, at least 30 s), and every 30 s
+    # after, bob asks node2 whether it answers again.
+    wait_for(lambda: on_node(service, d, "bob", "node2"), 90, "bob to move back to node2")
+    wait_peers(d, "alice", ["bob", "carol"])
+    check_tunnel(d, "alice", "bob")
+    check_tunnel(d, "bob", "alice")
