@@ -376,6 +376,18 @@ _METRICS_HELP = (
 )
 
 
+def _ip_address(value: Any, place: Place) -> str:
+    """
+    C{""} or an IP address (not a name: agents are told it as is).
+    """
+    if value == "":
+        return ""
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise Invalid(f'must be "" or an IP address, got {show(value)}') from None
+
+
 def _metrics_address(value: Any, place: Place) -> str:
     """
     C{""} (off) or C{"IP:port"} / C{"[IPv6]:port"}: an address, not a
@@ -483,6 +495,13 @@ class RendezvousConfig:
         "Bytes per second one relayed tunnel may carry, both ways together; 0 for no limit.",
         default=0.0,
         from_text=checks.float_text,
+    )
+    relay_address: str = setting(
+        _ip_address,
+        "The IP address agents reach this node's relay at, for tunnels between agents"
+        ' registered on different nodes of a service; "" for the interface, when that'
+        " is one address.",
+        default="",
     )
     log_format: str = setting(checks.choice("text", "json"), _LOG_FORMAT_HELP, default="text")
     # Derived by load_rendezvous_config.

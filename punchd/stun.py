@@ -79,6 +79,7 @@ class Attr(enum.IntEnum):
     HARD_NAT = 0x4D0E
     ALTERNATE_PORT = 0x4D10
     RELAY_REFUSED = 0x4D11
+    RELAY_ADDRESS = 0x4D12
 
 
 def _attr_name(attr_type: int) -> str:

@@ -92,8 +92,19 @@ class RendezvousIntroducer:
 def relay_candidate(message: stun.Message, rendezvous: tuple[str, int] | None) -> list[Candidate]:
     """
     The relay port the rendezvous allocated for our side, as a candidate:
-    the relay runs on the rendezvous' host.
+    the relay runs on the rendezvous' host, or, for a tunnel with an agent
+    of another node of the service, where RELAY-ADDRESS says (the message
+    is signed by the service).
     """
+    elsewhere = message.get(Attr.RELAY_ADDRESS)
+    if elsewhere is not None:
+        try:
+            host, port = stun.decode_xor_address(elsewhere, message.transaction_id)
+        except stun.StunError:
+            raise wire.ProtocolError(400, "bad relay address") from None
+        if not 0 < port < 65536:
+            raise wire.ProtocolError(400, "bad relay address")
+        return [Candidate(CandidateKind.RELAY, host, port)]
     value = message.get(Attr.RELAY_PORT)
     if value is None or rendezvous is None:
         return []

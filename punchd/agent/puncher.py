@@ -303,7 +303,10 @@ class Puncher:
             relay: tuple[str, int],
             received: Callable[[bytes, tuple[str, int]], None],
             keep: Callable[[bytes, tuple[str, int]], bool],
-        ) -> StreamChannel:
+        ) -> StreamChannel | None:
+            server = self.client.server
+            if server is None or relay[0] != server[0]:
+                return None  # another node's relay: our stream does not reach it
             return StreamChannel(self.reactor, self.reactor, stream, relay, received, keep)
 
         return channel

@@ -75,7 +75,9 @@ class Introducer:
         relay: RelayService | None = None,
         remote: Remote | None = None,
         over_tls: Callable[[Address], bool] = lambda address: False,
+        relay_address: str | None = None,
     ) -> None:
+        self._relay_address = relay_address
         self._over_tls = over_tls
         self._clock = clock
         self._relay = relay
@@ -177,7 +179,14 @@ class Introducer:
         ):
             self._allocate(introduction)
         elif message.has(Attr.RELAY):
-            introduction.relay_refused = "the peer is registered on another node of the service"
+            # A target of another node binds to our relay, at the address
+            # the Incoming names; no address to name, no relay.
+            if self._relay_address is None:
+                introduction.relay_refused = (
+                    "the peer is registered on another node, and this node has no relay_address"
+                )
+            else:
+                self._allocate(introduction)
         incoming_id = introduction.incoming_id
         forwarded = wire.signed(
             Method.INCOMING,
@@ -192,6 +201,7 @@ class Introducer:
                 *([(Attr.WAIT, b"")] if message.has(Attr.WAIT) else []),
                 *_flag(message, Attr.HARD_NAT),
                 *_relay_port(introduction, 1),
+                *self._relay_elsewhere(introduction, registration, incoming_id),
                 wire.timestamp(self._clock.seconds()),
             ],
             target_key,
@@ -251,6 +261,21 @@ class Introducer:
             self._counters["dropped-unauthenticated"] += 1
             return
         self._introductions.answer(message.transaction_id, message)
+
+    def _relay_elsewhere(
+        self, introduction: Introduction, registration: Registration | None, incoming_id: bytes
+    ) -> list[tuple[int, bytes]]:
+        """
+        RELAY-ADDRESS for a target of another node: our relay's address and
+        its port, which it could not tell from the node it talks to.
+        """
+        if registration is not None or introduction.relay_ports is None:
+            return []
+        assert self._relay_address is not None
+        port = introduction.relay_ports[1]
+        return [
+            (Attr.RELAY_ADDRESS, stun.encode_xor_address(self._relay_address, port, incoming_id))
+        ]
 
     def _allocate(self, introduction: Introduction) -> None:
         """

@@ -82,6 +82,7 @@ class RendezvousProtocol(DatagramProtocol):
         relay: RelayService | None = None,
         alternate_port: int = 0,
         remote: Remote | None = None,
+        relay_address: str | None = None,
     ) -> None:
         self.relay = relay
         self.registry = registry
@@ -119,6 +120,7 @@ class RendezvousProtocol(DatagramProtocol):
             clock,
             relay=relay,
             remote=remote,
+            relay_address=relay_address,
             over_tls=lambda address: address in self._streams,
         )
 

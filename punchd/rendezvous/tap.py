@@ -4,6 +4,7 @@ twistd plugin glue for the rendezvous: C{twistd -n rendezvous --config FILE}.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import signal
 import socket
@@ -190,6 +191,19 @@ def make_relay(
     )
 
 
+def relay_address(settings: RendezvousConfig) -> str | None:
+    """
+    Where agents of other nodes reach this node's relay: C{relay_address},
+    or the interface when it is one address; None when neither tells.
+    """
+    if settings.relay_address:
+        return settings.relay_address
+    interface = settings.interface
+    if interface and not ipaddress.ip_address(interface).is_unspecified:
+        return interface
+    return None
+
+
 def makeService(config: Options, reactor: Any = None, worker: int = 0) -> service.IService:
     """
     The rendezvous; with C{workers} > 1, worker 0 of them, which starts the
@@ -230,6 +244,7 @@ def makeService(config: Options, reactor: Any = None, worker: int = 0) -> servic
         relay=relay,
         alternate_port=settings.alternate_port,
         remote=None if node is None else node.cluster,
+        relay_address=relay_address(settings) if relay is not None else None,
     )
     workers = None
     if node is not None:

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from punchd import stun
-from punchd.agent.introducer import RendezvousIntroducer, printable
+import pytest
+
+from punchd import stun, wire
+from punchd.agent.introducer import RendezvousIntroducer, printable, relay_candidate
 from punchd.keys import PrivateKey
 from punchd.stun import Attr, MessageClass, Method
 
@@ -55,3 +57,19 @@ def test_a_relay_port_leaves_nothing_refused() -> None:
 def test_what_the_rendezvous_says_is_shown_safely() -> None:
     assert printable(b"busy\n\x1b[31m" + "é".encode() + b"\xff") == "busy??[31mé\ufffd"
     assert len(printable(b"x" * 1000)) == 128
+
+
+def test_a_relay_on_another_node_is_where_the_incoming_says() -> None:
+    tid = stun.new_transaction_id()
+    attributes = [
+        (Attr.RELAY_PORT, stun.encode_u32(50000)),
+        (Attr.RELAY_ADDRESS, stun.encode_xor_address("198.51.100.2", 50001, tid)),
+    ]
+    message = stun.parse(stun.build(Method.INCOMING, MessageClass.REQUEST, tid, attributes))
+    (candidate,) = relay_candidate(message, ("192.0.2.1", 3478))
+    assert candidate.address == ("198.51.100.2", 50001)
+    bad = stun.parse(
+        stun.build(Method.INCOMING, MessageClass.REQUEST, tid, [(Attr.RELAY_ADDRESS, b"\x00")])
+    )
+    with pytest.raises(wire.ProtocolError):
+        relay_candidate(bad, ("192.0.2.1", 3478))

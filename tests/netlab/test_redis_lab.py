@@ -2,7 +2,8 @@
 A rendezvous service of two nodes on two public hosts of the NAT lab, with
 Redis beside the first: agents behind real NATs registered on different
 nodes reach each other both ways (the Incoming leaves from the node the
-target's NAT has a mapping for), and again after the target's node dies.
+target's NAT has a mapping for), through the initiator's node's relay when
+no direct path exists, and again after the target's node dies.
 """
 
 from __future__ import annotations
@@ -44,12 +45,14 @@ def test_agents_behind_nats_on_two_nodes_connect_both_ways(lab: Lab) -> None:
         redis.start()
         world.add("conea", "cone")
         world.add("coneb", "cone")
+        world.add("symb", "symmetric")
         service.add_node("rv1", host=RENDEZVOUS_ADDRESS, port=NODE_PORT)
         service.add_node("rv2", host=second.address, port=NODE_PORT)
         service.start_node("rv1", launch=lab.rendezvous_host.run)
         service.start_node("rv2", launch=second.run)
         service.point("conea1", "rv1", "rv2")
         service.point("coneb1", "rv2", "rv1")
+        service.point("symb1", "rv2", "rv1")
         for name, host in world.hosts.items():
             world.deployment.start_agent(name, launch=host.run, wait=0)
         world.wait_registered(timeout=60)
@@ -60,6 +63,14 @@ def test_agents_behind_nats_on_two_nodes_connect_both_ways(lab: Lab) -> None:
             outcome = world.retry_tunnel(initiator, target, within=10, count=5)
             assert outcome.ok, f"{initiator} -> {target}: {outcome.code}: {outcome.message}"
             assert outcome.path == "direct"
+        # A cone facing a symmetric NAT has no direct path: the initiator's
+        # node relays, and tells the target (on the other node) where.
+        for initiator, target in (("conea1", "symb1"), ("symb1", "conea1")):
+            outcome = world.retry_tunnel(initiator, target, within=10, count=50)
+            assert outcome.ok, f"{initiator} -> {target}: {outcome.code}: {outcome.message}"
+            assert outcome.path == "relay" and outcome.exchanged == 50
+            relay = outcome.info["relay"]
+            assert relay.startswith(world.deployment.status(initiator)["rendezvous"].split(":")[0])
         service.kill_node("rv2")
         wait_for(
             lambda: node_of(world, service, "coneb1") == "rv1", 40, "coneb1 to fail over to rv1"
