@@ -18,6 +18,7 @@ import pytest
 from netlab.certs import make_certificates
 from netlab.lab import RENDEZVOUS_ADDRESS, Lab
 from netlab.scenarios import World
+from punchd import client
 from punchd.client import TunnelError
 
 pytestmark = pytest.mark.netlab
@@ -87,6 +88,11 @@ def test_a_site_without_udp_gets_every_tunnel_through_the_relay_over_tls(
         status = world.deployment.status("office1")
         assert status["transport"].startswith("UDP blocked, using TLS"), status
         assert world.deployment.status("conea1")["transport"] == "UDP"
+        # It sees its peers, and they see it.
+        peers = client.peers(socket_path=world.deployment.agents["office1"].socket_path)
+        assert sorted(p["name"] for p in peers) == ["conea1", "syma1"]
+        peers = client.peers(socket_path=world.deployment.agents["conea1"].socket_path)
+        assert "office1" in {p["name"] for p in peers}
 
         outcome = world.tunnel("office1", "conea1", count=1000, timeout=40.0)
         assert outcome.ok, outcome.message
