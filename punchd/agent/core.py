@@ -129,7 +129,7 @@ class Agent:
             reactor,
             max(PREFERRED_CHECK * settings.keepalive, PREFERRED_CHECK_MIN),
             self._away_from_first,
-            self._probe_first,
+            lambda: self._answers_udp(self._servers[0]),
             self._back_to_first,
         )
         #: Each node's TLS address, for when UDP to it is blocked (None: never).
@@ -146,7 +146,7 @@ class Agent:
             self.path_core = PathCore(
                 clock=reactor,
                 connect=self._connect_tls,
-                probe_udp=self._probe_udp,
+                probe_udp=self._answers_udp,
                 use=self._use_stream,
                 changed=self.registration.reregisterNow,
                 recheck=settings.keepalive,
@@ -261,24 +261,17 @@ class Agent:
 
         return connect_stream(self.reactor, self._tls_server, trust, self.client.from_stream, lost)
 
-    def _probe_udp(self) -> Deferred[bool]:
-        def probe(server: tuple[str, int]) -> Deferred[bool]:
-            name, key = self.settings.name, self.punch.key
-            d = gather_both(self.reactor, server, 0, name, key)
-            return d.addCallback(lambda gathered: gathered.main is not None)
-
-        return self._resolve().addCallback(probe)
-
-    def _probe_first(self) -> Deferred[bool]:
+    def _answers_udp(self, server: tuple[str, int] | None = None) -> Deferred[bool]:
         """
-        Whether the first rendezvous of the list answers over UDP.
+        Whether C{server} (the rendezvous in use by default) answers a
+        signed gather over UDP, from a fresh socket.
         """
 
-        def probe(server: tuple[str, int]) -> Deferred[bool]:
-            d = gather_both(self.reactor, server, 0, self.settings.name, self.punch.key)
+        def probe(address: tuple[str, int]) -> Deferred[bool]:
+            d = gather_both(self.reactor, address, 0, self.settings.name, self.punch.key)
             return d.addCallback(lambda gathered: gathered.main is not None)
 
-        return self._resolve(self._servers[0]).addCallback(probe)
+        return self._resolve(server).addCallback(probe)
 
     def _away_from_first(self) -> bool:
         over_tls = self.client.stream is not None
@@ -291,6 +284,10 @@ class Agent:
 
     def _use_stream(self, stream: RendezvousStream | None) -> None:
         self.client.stream = stream
+        if stream is not None:
+            # What the network allows has changed: netcheck says so (and
+            # tunnels choose from it), not what it found over UDP before.
+            self.reactor.callLater(0, self.netchecker.check)
 
     def _register_once(self) -> Deferred[Registered]:
         path = self.path

@@ -88,6 +88,12 @@ def test_a_site_without_udp_gets_every_tunnel_through_the_relay_over_tls(
         status = world.deployment.status("office1")
         assert status["transport"].startswith("UDP blocked, using TLS"), status
         assert world.deployment.status("conea1")["transport"] == "UDP"
+        # netcheck looks again when the way to the rendezvous changes.
+        wait_until(
+            lambda: "UDP blocked, using TLS" in (status_of(world, "office1").get("netcheck") or ""),
+            30,
+            "netcheck to say UDP is blocked",
+        )
         # It sees its peers, and they see it.
         peers = client.peers(socket_path=world.deployment.agents["office1"].socket_path)
         assert sorted(p["name"] for p in peers) == ["conea1", "syma1"]
