@@ -89,7 +89,7 @@ class PathCore:
 
     def settled(self) -> Deferred[None]:
         """
-        Fires once no TLS connection is being set up (at once if none is).
+        Fires once the TLS connection being set up is up or has failed.
         """
         d: Deferred[None] = Deferred()
         self._waiting.append(d)
@@ -138,11 +138,17 @@ def connecting(m: RendezvousPath, core: PathCore) -> Connecting:
     )
     pending = core.connect()
 
+    # The outcome may be known at once (a CA file that cannot be read): it
+    # is an input of its own, after this one.
+    def up(stream: RendezvousStream) -> None:
+        core.soon(lambda: m.tlsIsUp(stream))
+
     def failed(failure: Failure) -> None:
         if not failure.check(CancelledError):  # cancelled: the agent stopped
-            m.tlsFailed(failure.getErrorMessage())
+            reason = failure.getErrorMessage()
+            core.soon(lambda: m.tlsFailed(reason))
 
-    pending.addCallbacks(m.tlsIsUp, failed)
+    pending.addCallbacks(up, failed)
     return Connecting(pending)
 
 

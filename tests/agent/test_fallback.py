@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from punchd.agent.fallback import PathCore, RendezvousPath, build_path_machine
@@ -59,6 +59,7 @@ class World:
         stream = FakeStream()
         self.connects[-1].callback(stream)
         self.clock.advance(0)
+        self.clock.advance(0)
         return stream
 
 
@@ -85,6 +86,7 @@ def test_a_refused_connection_says_why_and_stays_on_udp() -> None:
     world.path.udpWentSilent()
     waiting = world.core.settled()
     world.connects[0].errback(ValueError("its certificate was refused"))
+    world.clock.advance(0)
     world.clock.advance(0)
     assert world.path.describe() == "udp"
     assert world.core.last_error == "its certificate was refused"
@@ -155,11 +157,23 @@ def test_stop_closes_everything_and_ignores_what_comes_late() -> None:
     assert world.path.describe() == "stopped"
 
 
-def test_settled_fires_at_once_when_nothing_is_connecting() -> None:
+def test_settled_fires_when_the_connection_fails() -> None:
     world = World()
     d = world.core.settled()
     world.path.udpWentSilent()
     world.connects[0].errback(ValueError("refused"))
     world.clock.advance(0)
+    world.clock.advance(0)
     assert d.called
-    assert succeed(None).called
+
+
+def test_a_connection_that_fails_at_once_fails_after_the_transition() -> None:
+    world = World()
+    failing: Deferred[Any] = Deferred()
+    failing.errback(ValueError("cannot use rendezvous_ca: no such file"))
+    world.core.connect = lambda: failing
+    world.path.udpWentSilent()
+    assert world.path.describe() == "connecting"
+    world.clock.advance(0)
+    assert world.path.describe() == "udp"
+    assert world.core.last_error == "cannot use rendezvous_ca: no such file"
