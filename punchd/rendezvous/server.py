@@ -93,6 +93,8 @@ class RendezvousProtocol(DatagramProtocol):
         self.introductions = Introductions(clock, max_pending)
         #: Agents' TLS streams by TCP peer address: what is sent there goes on them.
         self._streams: dict[tuple[str, int], StreamProtocol] = {}
+        #: The stream whose frame is being handled, if any.
+        self.via: StreamProtocol | None = None
         self._binding_limiter = binding_limiter
         self._max_lifetime = max_lifetime
         self._gate = Gate(
@@ -254,10 +256,10 @@ class RendezvousProtocol(DatagramProtocol):
     def _agent_request(self, message: stun.Message, source: tuple[str, int], size: int) -> None:
         request = self._gate.authenticate(message, source, size)
         if request is not None and self._gate.admit(request, self._answer):
-            if self._streams:
-                stream = self._streams.get(source)
-                if stream is not None:
-                    stream.accepted(request.name)
+            if self.via is not None:
+                # Credited to the stream it came on, never to a stream that
+                # only shares its address with a UDP sender.
+                self.via.accepted(request.name)
             self._carry_out(request)
 
     def _answer(self, request: AgentRequest, data: bytes) -> None:

@@ -43,6 +43,7 @@ from zope.interface import implementer
 from punchd import wire
 from punchd.framing import MAX_FRAME, Deframer, FrameError, Signalling, parse_frame, stun_frame
 from punchd.framing import relayed_frame as _relayed_frame
+from punchd.rendezvous.limits import SourceLimiter
 
 if TYPE_CHECKING:
     from punchd.relay import RelayService
@@ -57,6 +58,11 @@ Address = tuple[str, int]
 MAX_SIGNALLING = 2048
 #: The largest datagram a relayed frame holds (its header is 3 bytes).
 MAX_RELAYED = MAX_FRAME - 3
+#: Bytes of signalling a backed-up stream may be sent before it is closed.
+MAX_BACKLOG = 64 * 1024
+#: New connections per second from one source, in bursts of twice that: a
+#: handshake costs the server far more than the client.
+CONNECT_RATE = 4.0
 
 
 @dataclass(frozen=True)
@@ -69,6 +75,16 @@ class StreamLimits:
     idle_timeout: float = 120.0
     max_per_source: int = 16
     max_connections: int = 1024
+    #: Connections yet to authenticate, at most: past it the oldest of them
+    #: makes room, so that strangers cannot crowd agents out (a quarter of
+    #: C{max_connections} unless told).
+    max_strangers: int | None = None
+
+    @property
+    def strangers(self) -> int:
+        if self.max_strangers is not None:
+            return self.max_strangers
+        return max(1, self.max_connections // 4)
 
 
 def source_key(host: str) -> str:
@@ -106,6 +122,8 @@ class StreamProtocol(Protocol):
         self._deframer = Deframer(MAX_FRAME)
         self._counters = factory.rendezvous.counters
         self._paused = False
+        #: Bytes of signalling written while backed up.
+        self._backlog = 0
         self._closing = False
         self._aborted = False
         self._last = 0.0
@@ -154,7 +172,12 @@ class StreamProtocol(Protocol):
                 self._counters["tls-dropped-oversize"] += 1
                 return
             # Counts and logs its own errors: nothing escapes it.
-            self.streams.rendezvous.datagramReceived(payload, self.address)
+            rendezvous = self.streams.rendezvous
+            rendezvous.via = self
+            try:
+                rendezvous.datagramReceived(payload, self.address)
+            finally:
+                rendezvous.via = None
             return
         relay = self.streams.relay
         if relay is None:
@@ -176,6 +199,7 @@ class StreamProtocol(Protocol):
         self.names.add(name)
         if not self.authenticated:
             self.authenticated = True
+            self.streams.authenticated(self)
             self._counters["tls-authenticated"] += 1
             if self._deadline is not None and self._deadline.active():
                 self._deadline.cancel()
@@ -183,11 +207,20 @@ class StreamProtocol(Protocol):
 
     def send_signalling(self, message: bytes) -> None:
         """
-        A STUN message for the agent: never dropped, since each answers
-        something the peer sent, and the peer is not read while it backs up.
+        A STUN message for the agent.  While the stream is backed up, its
+        own answers are bounded (it is not read), but introductions from
+        other agents are not: past L{MAX_BACKLOG} bytes written since it
+        backed up, the connection is closed (its agent registers again).
         """
-        if not self._closing and self.transport is not None:
-            self.transport.write(stun_frame(message))
+        if self._closing or self.transport is None:
+            return
+        frame = stun_frame(message)
+        if self._paused:
+            self._backlog += len(frame)
+            if self._backlog > MAX_BACKLOG:
+                self._close("backed-up")
+                return
+        self.transport.write(frame)
 
     def send_relayed(self, port: int, datagram: bytes) -> None:
         """
@@ -211,6 +244,7 @@ class StreamProtocol(Protocol):
     def resumeProducing(self) -> None:
         if self._paused:
             self._paused = False
+            self._backlog = 0
             if not self._closing:
                 cast(IPushProducer, self.transport).resumeProducing()
 
@@ -287,11 +321,23 @@ class StreamFactory(Factory):
         self.relay = relay
         self.open: set[StreamProtocol] = set()
         self._per_source: Counter[str] = Counter()
+        #: Connections yet to authenticate, oldest first: a quarter of the
+        #: cap at most, so that strangers cannot crowd agents out.
+        self._strangers: dict[StreamProtocol, None] = {}
+        self._attempts = SourceLimiter(CONNECT_RATE, 2 * CONNECT_RATE, clock.seconds)
 
     def buildProtocol(self, addr: IAddress | None) -> StreamProtocol | None:
         counters = self.rendezvous.counters
         host, port = getattr(addr, "host", ""), getattr(addr, "port", 0)
         key = source_key(host)
+        if not self._attempts.allow(key):
+            counters["tls-refused-rate"] += 1
+            return None
+        if len(self._strangers) >= self.limits.strangers:
+            # The oldest connection that has not authenticated makes room.
+            oldest = next(iter(self._strangers))
+            del self._strangers[oldest]
+            oldest._close("crowded-out")
         if len(self.open) >= self.limits.max_connections:
             counters["tls-refused-full"] += 1
             return None
@@ -301,10 +347,15 @@ class StreamFactory(Factory):
         counters["tls-accepted"] += 1
         stream = StreamProtocol(self, (host, port), key)
         self.open.add(stream)
+        self._strangers[stream] = None
         self._per_source[key] += 1
         return stream
 
+    def authenticated(self, stream: StreamProtocol) -> None:
+        self._strangers.pop(stream, None)
+
     def closed(self, stream: StreamProtocol) -> None:
+        self._strangers.pop(stream, None)
         if stream not in self.open:
             return
         self.open.discard(stream)

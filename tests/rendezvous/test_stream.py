@@ -16,6 +16,8 @@ from twisted.python.failure import Failure
 from punchd import stun
 from punchd.framing import Deframer, Relayed, Signalling, parse_frame, relayed_frame, stun_frame
 from punchd.rendezvous.stream import (
+    CONNECT_RATE,
+    MAX_BACKLOG,
     MAX_SIGNALLING,
     StreamFactory,
     StreamLimits,
@@ -27,7 +29,9 @@ from tests.rendezvous.test_server import Address, Agent, Harness, binding_reques
 
 ALICE = ("198.51.100.7", 40000)
 BOB_UDP = ("203.0.113.9", 50000)
-LIMITS = StreamLimits(auth_timeout=10.0, idle_timeout=120.0, max_per_source=2, max_connections=4)
+LIMITS = StreamLimits(
+    auth_timeout=10.0, idle_timeout=120.0, max_per_source=2, max_connections=4, max_strangers=4
+)
 
 
 def tcp(address: Address) -> IPv4Address | IPv6Address:
@@ -329,3 +333,58 @@ def test_a_backed_up_stream_refuses_relayed_datagrams_and_is_not_read() -> None:
     frames = c.frames()
     assert [f.datagram for f in frames if isinstance(f, Relayed)] == [b"one", b"three"]
     assert h.protocol.counters["tls-backed-up"] == 1
+
+
+def test_strangers_make_room_oldest_first_and_agents_are_not_crowded_out() -> None:
+    alice = Agent("alice", ALICE)
+    limits = StreamLimits(max_per_source=8, max_connections=16, max_strangers=2)
+    h, streams = setup([alice], limits)
+    agent = Connection(streams)
+    agent.register(alice)
+    first = Connection(streams, ("192.0.2.1", 1))
+    second = Connection(streams, ("192.0.2.2", 1))
+    third = Connection(streams, ("192.0.2.3", 1))
+    assert first.closed and not second.closed and not third.closed
+    assert not agent.closed
+    assert h.protocol.counters["tls-closed-crowded-out"] == 1
+
+
+def test_new_connections_from_one_source_are_rate_limited() -> None:
+    limits = StreamLimits(max_per_source=100, max_connections=100, max_strangers=100)
+    h, streams = setup([], limits)
+    accepted = 0
+    for i in range(20):
+        if streams.buildProtocol(tcp(("192.0.2.1", 1000 + i))) is not None:
+            accepted += 1
+    assert accepted == int(2 * CONNECT_RATE)  # a burst, then the rate
+    assert h.protocol.counters["tls-refused-rate"] == 20 - accepted
+    assert streams.buildProtocol(tcp(("192.0.2.2", 1))) is not None  # another source
+    h.clock.advance(1.0)
+    assert streams.buildProtocol(tcp(("192.0.2.1", 2000))) is not None
+
+
+def test_a_backed_up_stream_is_closed_when_too_much_waits_for_it() -> None:
+    h, streams = setup([])
+    c = Connection(streams)
+    c.stream.pauseProducing()
+    message = binding_request()
+    for _ in range(MAX_BACKLOG // (len(message) + 2)):
+        c.stream.send_signalling(message)
+    assert not c.closed
+    c.stream.send_signalling(message)
+    assert c.closed and h.protocol.counters["tls-closed-backed-up"] == 1
+
+
+def test_a_udp_request_from_a_streams_address_does_not_authenticate_it() -> None:
+    alice = Agent("alice", ALICE)
+    h, streams = setup([alice])
+    c = Connection(streams)  # from the very address alice's UDP comes from
+    lifetime = [(Attr.LIFETIME, stun.encode_u32(60))]
+    _tid, request = alice.request(Method.REGISTER, lifetime)
+    h.receive(request, ALICE)  # over UDP; the 438 goes to the address, on the stream
+    (stale,) = c.messages()
+    alice.nonce = stale.get(Attr.NONCE)
+    _tid, request = alice.request(Method.REGISTER, lifetime)
+    h.receive(request, ALICE)
+    assert h.registry.lookup("alice", h.clock.seconds()) is not None  # admitted
+    assert not c.stream.authenticated and c.stream.names == set()
