@@ -274,9 +274,9 @@ class Agent:
         return self._resolve(server).addCallback(probe)
 
     def _away_from_first(self) -> bool:
-        over_tls = self.client.stream is not None
+        on_udp = self.path is None or self.path.describe() == "udp"
         registered = self.registration.describe() == "registered"
-        return self._server != 0 and registered and not over_tls
+        return self._server != 0 and registered and on_udp
 
     def _back_to_first(self) -> None:
         self._server = 0

@@ -24,6 +24,7 @@ from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.protocol import DatagramProtocol
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from punchd.agent.portmap import PortMapper
 from punchd.gather import build_gather_request, parse_gather_answer
@@ -121,15 +122,19 @@ def _gather_from(
     round trip of the first answer, or None by the deadline.
     """
     transaction_id, request = build_gather_request(name, key)
-    done: Deferred[tuple[Address, float] | None] = Deferred()
     started = reactor.seconds()
     timers: list[Any] = []
 
-    def finish(result: tuple[Address, float] | None) -> None:
+    def stop() -> None:
         for timer in timers:
             if timer.active():
                 timer.cancel()
         sock.listener = None
+
+    done: Deferred[tuple[Address, float] | None] = Deferred(lambda d: stop())
+
+    def finish(result: tuple[Address, float] | None) -> None:
+        stop()
         if not done.called:
             done.callback(result)
 
@@ -174,12 +179,12 @@ def gather_both(
         second = _gather_from(reactor, sock, (server[0], alternate_port), name, key)
         return second.addCallback(lambda other: Gathered(answer[0], _first(other), _rtt(answer)))
 
-    def close(result: Gathered) -> Gathered:
-        port.stopListening()
+    def close(result: Gathered | Failure) -> Gathered | Failure:
+        port.stopListening()  # cancelled too: the socket never outlives the check
         return result
 
     d: Deferred[Gathered] = _gather_from(reactor, sock, server, name, key).addCallback(first)
-    return d.addCallback(close)
+    return d.addBoth(close)
 
 
 def _rtt(answer: tuple[Address, float] | None) -> float | None:

@@ -303,10 +303,7 @@ class Puncher:
             relay: tuple[str, int],
             received: Callable[[bytes, tuple[str, int]], None],
             keep: Callable[[bytes, tuple[str, int]], bool],
-        ) -> StreamChannel | None:
-            server = self.client.server
-            if server is None or relay[0] != server[0]:
-                return None  # another node's relay: our stream does not reach it
+        ) -> StreamChannel:
             return StreamChannel(self.reactor, self.reactor, stream, relay, received, keep)
 
         return channel
@@ -330,7 +327,10 @@ class Puncher:
             tunnel_id = wire.decode_tunnel_id(message)
             # A relay candidate comes only from the rendezvous' RELAY-PORT.
             candidates = [c for c in wire.decode_candidates(message) if c.kind != RELAY]
-            candidates += relay_candidate(message, self.client.server)
+            # Another node's relay (RELAY-ADDRESS) is out of reach of our
+            # TLS stream, which only reaches the node (the worker) we talk to.
+            if not (self._over_tls() and message.has(Attr.RELAY_ADDRESS)):
+                candidates += relay_candidate(message, self.client.server)
             peer_key = wire.decode_public_key(message)
             sent_at = wire.decode_timestamp(message)
         except wire.ProtocolError as e:

@@ -127,9 +127,15 @@ class RendezvousStream(Protocol):
             self._on_lost(f"the TLS connection to {self.where} was lost")
 
     def close(self) -> None:
+        """
+        Close now: a registered producer would otherwise hold TLS's close
+        back until it unregistered, and nothing here needs to be flushed.
+        """
         self._open = False
-        if self.transport is not None:
-            self.transport.loseConnection()
+        transport = self.transport
+        if transport is not None:
+            transport.unregisterProducer()  # type: ignore[attr-defined]
+            transport.abortConnection()  # type: ignore[attr-defined]
 
     @property
     def open(self) -> bool:
@@ -207,12 +213,29 @@ def connect_stream(
     options = ssl.optionsForClientTLS(host, trustRoot=trust)
     endpoint = wrapClientTLS(options, HostnameEndpoint(reactor, host, port, CONNECT_TIMEOUT))
 
+    def give_up() -> None:
+        # Whatever stage it is at (name lookup, TCP, TLS): no connection
+        # may outlive the attempt nobody waits for any more.
+        connecting.cancel()
+        stream.close()
+
+    stream.up = Deferred(lambda d: give_up())
+
     def unreachable(failure: Failure) -> None:
         if not stream.up.called:
             stream.up.errback(StreamRefused(explain(failure, where)))
 
-    connectProtocol(endpoint, stream).addErrback(unreachable)
-    timer = reactor.callLater(CONNECT_TIMEOUT, stream.close)
+    connecting = connectProtocol(endpoint, stream)
+    connecting.addErrback(unreachable)
+
+    def timed_out() -> None:
+        if not stream.up.called:
+            stream.up.errback(
+                StreamRefused(f"TLS to the rendezvous {where} failed: no answer in 10 s")
+            )
+        give_up()
+
+    timer = reactor.callLater(CONNECT_TIMEOUT, timed_out)
 
     def settled(result: object) -> object:
         if timer.active():

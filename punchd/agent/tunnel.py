@@ -60,7 +60,7 @@ SocketFactory = Callable[
 #: (the relay over TLS), given the same two functions.
 ChannelFactory = Callable[
     [Address, Callable[[bytes, Address], None], Callable[[bytes, Address], bool]],
-    StreamChannel | None,
+    StreamChannel,
 ]
 
 
@@ -516,8 +516,6 @@ class Tunnel:
             return self._keep_for_program(local, data, source)
 
         channel = self._relay_channel(relay, received, keep)
-        if channel is None:
-            return None
         self.sockets.append(channel)
         channel.start_reading()
         return local

@@ -177,7 +177,7 @@ class Introducer:
         if registration is not None and (
             message.has(Attr.RELAY) or self._over_tls(registration.address)
         ):
-            self._allocate(introduction)
+            self._allocate(introduction, asked=message.has(Attr.RELAY))
         elif message.has(Attr.RELAY):
             # A target of another node binds to our relay, at the address
             # the Incoming names; no address to name, no relay.
@@ -186,7 +186,7 @@ class Introducer:
                     "the peer is registered on another node, and this node has no relay_address"
                 )
             else:
-                self._allocate(introduction)
+                self._allocate(introduction, asked=True)
         incoming_id = introduction.incoming_id
         forwarded = wire.signed(
             Method.INCOMING,
@@ -277,7 +277,7 @@ class Introducer:
             (Attr.RELAY_ADDRESS, stun.encode_xor_address(self._relay_address, port, incoming_id))
         ]
 
-    def _allocate(self, introduction: Introduction) -> None:
+    def _allocate(self, introduction: Introduction, asked: bool) -> None:
         """
         Two relay ports for this tunnel, in case no direct pair works; or,
         when there is no relay or it refuses, why not (the tunnel may still
@@ -285,7 +285,8 @@ class Introducer:
         through the relay).
         """
         if self._relay is None:
-            introduction.relay_refused = "this rendezvous runs no relay"
+            if asked:
+                introduction.relay_refused = "this rendezvous runs no relay"
             return
         initiator, target = introduction.initiator, introduction.target
         try:
@@ -294,7 +295,8 @@ class Introducer:
             )
         except RelayRefused as e:
             self._counters["relay-refused"] += 1
-            introduction.relay_refused = e.reason
+            if asked:
+                introduction.relay_refused = e.reason
             log.info(
                 "no relay for {initiator} -> {target}: {reason}",
                 initiator=initiator,

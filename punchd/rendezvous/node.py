@@ -46,6 +46,9 @@ def redis_address(settings: RendezvousConfig) -> RedisAddress:
     return RedisAddress(address.host, address.port, address.db, username, password)
 
 
+_settled = False
+
+
 def settle_heap() -> None:
     """
     Take what is alive now (the directory above all: a million entries are
@@ -54,6 +57,10 @@ def settle_heap() -> None:
     for a second or more while datagrams pile up; they are freed by their
     reference counts as ever when they go.
     """
+    global _settled
+    if _settled:
+        return  # once: later objects (a reconnect's) stay collectable
+    _settled = True
     gc.collect()
     gc.freeze()
     log.info("{count} objects set aside from garbage collection", count=gc.get_freeze_count())

@@ -17,7 +17,7 @@ from punchd.keys import PrivateKey
 from punchd.stun import Attr, MessageClass, Method
 
 #: All the puncher asks of the rendezvous client here: where it is.
-CLIENT = SimpleNamespace(server=("192.0.2.1", 3478))
+CLIENT = SimpleNamespace(server=("192.0.2.1", 3478), stream=None)
 
 
 def settings() -> AgentConfig:

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import reactor, ssl
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 
@@ -34,6 +34,9 @@ class FrameServer(Protocol):
     def __init__(self, seen: list[Any]) -> None:
         self.seen = seen
         self.deframer = Deframer()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.seen.append("closed")
 
     def dataReceived(self, data: bytes) -> None:
         for payload in self.deframer.feed(data):
@@ -93,7 +96,8 @@ async def test_a_checked_stream_carries_signalling_both_ways(
     await wait_for(lambda: signalling, "the echo")
     assert signalling == [MESSAGE] and seen == [Signalling(MESSAGE)]
     stream.close()
-    await wait_for(lambda: not stream.open, "the close")
+    # The server sees the connection end: nothing of it lingers.
+    await wait_for(lambda: "closed" in seen, "the server to see the close")
     assert lost == [], "closing it ourselves is not a loss"
 
 
@@ -207,3 +211,35 @@ async def test_a_relay_tls_tunnel_pumps_the_program_end(
     stream.transport.write(relayed_frame(RELAY[1], b"late"))  # type: ignore[union-attr]
     await wait_for(lambda: RELAY[1] not in stream.channels, "the pump to close")
     stream.close()
+
+
+class Silent(Protocol):
+    """A TCP server that never answers the TLS handshake."""
+
+    def __init__(self, seen: list[str]) -> None:
+        self.seen = seen
+
+    def connectionMade(self) -> None:
+        self.seen.append("open")
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.seen.append("closed")
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_attempt_given_up_mid_handshake_leaves_no_connection(
+    certificates: TestCertificates,
+) -> None:
+    seen: list[str] = []
+    listening = reactor.listenTCP(  # type: ignore[attr-defined]
+        0, Factory.forProtocol(lambda: Silent(seen)), interface="127.0.0.1"
+    )
+    try:
+        d, _ = connect(listening.getHost().port, certificates.ca)
+        await wait_for(lambda: "open" in seen, "the TCP connection")
+        d.cancel()
+        with pytest.raises((CancelledError, StreamRefused)):
+            await d
+        await wait_for(lambda: "closed" in seen, "the server to see the connection end")
+    finally:
+        await listening.stopListening()
