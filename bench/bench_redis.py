@@ -63,7 +63,8 @@ from punchd.keys import PrivateKey
 from punchd.rendezvous import directory
 from punchd.rendezvous.resp import BlockingRedis
 from punchd.stun import Attr, MessageClass, Method
-from tests.rendezvous.redis_helpers import Launch, RedisServer, Service, wait_for
+from tests import wait_for
+from tests.rendezvous.redis_helpers import Launch, RedisServer, Service
 
 RATES = [5_000, 10_000, 15_000, 20_000, 25_000, 30_000, 35_000, 40_000]
 QUICK_RATES = [10_000, 20_000, 30_000]

@@ -41,6 +41,7 @@ from punchd import client
 from punchd.config import AgentConfig, RendezvousConfig, load_peers
 from punchd.config import settings as settings_of
 from punchd.keys import PrivateKey, write_private_key
+from tests import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 ETC = REPO / "etc"
@@ -116,14 +117,6 @@ def messages(path: Path) -> list[str]:
         else:
             found.append(re.sub(r"^(?:\d{4}-\S+ )?\[[^\]]*\] ", "", line))
     return found
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def peer_names(d: Deployment, name: str) -> list[str]:

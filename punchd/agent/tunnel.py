@@ -470,17 +470,27 @@ class Tunnel:
     def peer(self) -> str:
         return self.core.peer
 
-    def _open(
-        self, factory: SocketFactory, family: socket.AddressFamily, local: int
-    ) -> TunnelSocket | None:
+    def _readers(
+        self, local: int
+    ) -> tuple[Callable[[bytes, Address], None], Callable[[bytes, Address], bool]]:
+        """
+        What socket C{local} does with a datagram: hand it to the tunnel,
+        or (near the hand-off) say whether it stays queued for the program.
+        """
+
         def received(data: bytes, source: Address) -> None:
             self._datagram(local, data, source)
 
         def keep(data: bytes, source: Address) -> bool:
             return self._keep_for_program(local, data, source)
 
+        return received, keep
+
+    def _open(
+        self, factory: SocketFactory, family: socket.AddressFamily, local: int
+    ) -> TunnelSocket | None:
         try:
-            return factory(family, received, keep)
+            return factory(family, *self._readers(local))
         except OSError as e:
             if family == socket.AF_INET:
                 raise
@@ -508,14 +518,7 @@ class Tunnel:
         if self._relay_channel is None:
             return None
         local = len(self.sockets)
-
-        def received(data: bytes, source: Address) -> None:
-            self._datagram(local, data, source)
-
-        def keep(data: bytes, source: Address) -> bool:
-            return self._keep_for_program(local, data, source)
-
-        channel = self._relay_channel(relay, received, keep)
+        channel = self._relay_channel(relay, *self._readers(local))
         self.sockets.append(channel)
         channel.start_reading()
         return local

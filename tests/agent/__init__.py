@@ -212,7 +212,9 @@ def in_thread(f: Callable[..., T], *args: Any, **kwargs: Any) -> Deferred[T]:
     return d
 
 
-async def wait_until(condition: Callable[[], object], timeout: float = 5.0) -> None:
+async def wait_until(
+    condition: Callable[[], object], timeout: float = 5.0, what: str | None = None
+) -> None:
     """
     Let the reactor run until C{condition()} is true; fail after C{timeout}.
     """
@@ -220,7 +222,7 @@ async def wait_until(condition: Callable[[], object], timeout: float = 5.0) -> N
         if condition():
             return
         await deferLater(reactor, 0.01)
-    raise AssertionError(f"timed out waiting for {condition}")
+    raise AssertionError(f"timed out waiting for {what or condition}")
 
 
 class RawConnection:

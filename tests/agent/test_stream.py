@@ -8,7 +8,7 @@ tunnel's program end is pumped to and from the stream.
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from netlab.certs import TestCertificates, make_certificates
 from punchd.agent.stream import RendezvousStream, StreamRefused, connect_stream, trust_root
 from punchd.agent.stream_relay import StreamChannel
 from punchd.framing import Deframer, Relayed, Signalling, parse_frame, relayed_frame, stun_frame
+from tests.agent import wait_until
 
 MESSAGE = b"\x00\x01\x00\x00\x21\x12\xa4\x42" + bytes(12)
 RELAY = ("127.0.0.1", 50000)
@@ -75,12 +76,8 @@ def connect(
     return d, signalling
 
 
-async def wait_for(condition: Any, what: str, timeout: float = 10.0) -> None:
-    for _ in range(int(timeout / 0.01)):
-        if condition():
-            return
-        await deferLater(reactor, 0.01, lambda: None)
-    raise AssertionError(f"timed out waiting for {what}")
+async def wait_for(condition: Callable[[], object], what: str) -> None:
+    await wait_until(condition, 10.0, what)
 
 
 @pytest_twisted.ensureDeferred

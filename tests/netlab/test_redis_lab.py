@@ -15,7 +15,8 @@ import pytest
 
 from netlab.lab import RENDEZVOUS_ADDRESS, Lab
 from netlab.scenarios import World
-from tests.rendezvous.redis_helpers import RedisServer, Service, wait_for
+from tests import wait_for
+from tests.rendezvous.redis_helpers import RedisServer, Service
 
 pytestmark = pytest.mark.netlab
 

@@ -8,8 +8,7 @@ certificate is refused, and status says why.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from netlab.lab import RENDEZVOUS_ADDRESS, Lab
 from netlab.scenarios import World
 from punchd import client
 from punchd.client import TunnelError
+from tests import wait_for
 
 pytestmark = pytest.mark.netlab
 
@@ -63,14 +63,6 @@ def status_of(world: World, name: str) -> dict[str, Any]:
         return {}
 
 
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.2)
-
-
 def test_a_site_without_udp_gets_every_tunnel_through_the_relay_over_tls(
     lab: Lab, tmp_path: Path
 ) -> None:
@@ -89,7 +81,7 @@ def test_a_site_without_udp_gets_every_tunnel_through_the_relay_over_tls(
         assert status["transport"].startswith("UDP blocked, using TLS"), status
         assert world.deployment.status("conea1")["transport"] == "UDP"
         # netcheck looks again when the way to the rendezvous changes.
-        wait_until(
+        wait_for(
             lambda: "UDP blocked, using TLS" in (status_of(world, "office1").get("netcheck") or ""),
             30,
             "netcheck to say UDP is blocked",
@@ -118,7 +110,7 @@ def test_a_site_without_udp_gets_every_tunnel_through_the_relay_over_tls(
         # UDP comes back: the agent moves back within a few keepalives, and
         # its tunnels go direct again.
         world.sites["office"].block_udp(False)
-        wait_until(
+        wait_for(
             lambda: world.deployment.status("office1")["transport"] == "UDP",
             30,
             "the agent to move back to UDP",
@@ -140,7 +132,7 @@ def test_a_certificate_from_another_ca_is_refused_and_status_says_why(
         world.sites["office"].block_udp()
         world.deployment.start_rendezvous(launch=lab.rendezvous_host.run)
         world.deployment.start_agent("office1", launch=world.hosts["office1"].run, wait=0)
-        wait_until(
+        wait_for(
             lambda: bool(status_of(world, "office1").get("tls_error")),
             60,
             "a TLS error in the status",

@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ from netlab import child_env
 from netlab.deployment import Deployment, free_udp_port
 from punchd.rendezvous.resp import BlockingRedis, RedisAddress
 from punchd.wire import format_address
+from tests import wait_for
 
 TWIST = [sys.executable, "-m", "twisted", "--log-format", "text"]
 PASSWORD = "s3cret-for-tests-only"
@@ -31,15 +31,6 @@ def free_tcp_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"timed out waiting for {what}")
 
 
 Launch = Callable[..., "subprocess.Popen[bytes]"]

@@ -15,7 +15,8 @@ import pytest
 
 from netlab.deployment import Deployment
 from punchd import client
-from tests.rendezvous.redis_helpers import RedisServer, Service, wait_for
+from tests import wait_for
+from tests.rendezvous.redis_helpers import RedisServer, Service
 
 KEEPALIVE = 2.0
 #: One keepalive, the request's retransmissions (8.1 s) and the first

@@ -19,7 +19,8 @@ from punchd.config import ConfigError, load_rendezvous_config
 from punchd.keys import PrivateKey, write_private_key
 from punchd.rendezvous import directory
 from punchd.rendezvous.resp import RedisError, encode, parse, parse_url
-from tests.rendezvous.redis_helpers import RedisServer, Service, wait_for
+from tests import wait_for
+from tests.rendezvous.redis_helpers import RedisServer, Service
 from tests.rendezvous.test_redis_cluster import check_tunnel, peer_names, wait_peers
 
 

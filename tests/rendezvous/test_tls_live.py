@@ -30,6 +30,7 @@ from punchd.framing import Deframer, Relayed, Signalling, parse_frame, relayed_f
 from punchd.keys import PrivateKey, derive_rendezvous_key
 from punchd.relay import build_bind, parse_bind_answer
 from punchd.stun import Attr, MessageClass, Method
+from tests import wait_for
 from tests.rendezvous.test_live import failures_in_log
 
 DEADLINE = 30.0
@@ -161,15 +162,6 @@ def metrics(port: int) -> dict[str, float]:
     return found
 
 
-def wait_for(condition: object, what: str) -> None:
-    deadline = time.monotonic() + DEADLINE
-    while time.monotonic() < deadline:
-        if callable(condition) and condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 @pytest.fixture
 def certificates(tmp_path: Path) -> test_certs.TestCertificates:
     return test_certs.make_certificates(tmp_path / "certs", ["127.0.0.1"])
@@ -286,7 +278,7 @@ def test_an_agent_over_tls_registers_lists_peers_and_relays_with_a_udp_agent(
             and seen["punchd_tls_connections_open{}"] == 0
         )
 
-    wait_for(gone, "the stream's allocation to be freed")
+    wait_for(gone, DEADLINE, "the stream's allocation to be freed")
     assert bob.ask(Method.PEERS, []).get_all(Attr.PEER) == []
 
 
