@@ -29,6 +29,7 @@ MODULES: dict[str, bool] = {
     "bench_relay_tls": False,
     "bench_netlab": True,
     "bench_birthday": True,
+    "bench_open_input": True,
 }
 
 

@@ -5,7 +5,9 @@ Topology: an ``inet`` namespace holds a bridge that plays "the internet"
 NAT namespace whose ``wan`` veth is on that bridge and whose ``lan`` bridge
 (one /28 of 192.0.2.0/24) connects the site's host namespaces.  A ``cgnat``
 site puts the home NAT's ``wan`` on a /30 of 198.51.100.0/24 behind a
-carrier NAT namespace, which is the one on the internet.  A ``miniupnpd``
+carrier NAT namespace, which is the one on the internet.  A site built with
+``isp_router`` reaches the bridge through a router namespace of its own (one
+more hop, as on a real path).  A ``miniupnpd``
 site is a symmetric NAT running miniupnpd (PCP, NAT-PMP and UPnP-IGD), as
 set up by :mod:`netlab.upnp`.
 
@@ -438,6 +440,7 @@ class Lab:
         *,
         loss: int = 0,
         wan_input: WanInput = "drop",
+        isp_router: bool = False,
     ) -> Site:
         """Add a NAT of the given profile with ``hosts`` hosts on its LAN.
 
@@ -445,7 +448,11 @@ class Lab:
         named ``<site>1``, ``<site>2``...  Each ``cgnat`` site has a carrier
         NAT of its own.  ``wan_input`` is the policy of the (home) NAT's input
         chain for unsolicited traffic, see :func:`nat_ruleset`.  ``loss`` is
-        :meth:`Site.set_loss` from the start.
+        :meth:`Site.set_loss` from the start.  ``isp_router`` puts a router
+        of the site's own between its NAT and the internet, as an ISP's is on
+        any real path: a hop that decrements the TTL, so a datagram can run
+        out of TTL after leaving the site's NAT and before reaching another
+        site's (:meth:`_add_isp_router`).
         """
         self._check_open()
         if profile not in PROFILES:
@@ -467,9 +474,10 @@ class Lab:
 
         nat = self._new_netns(f"{name}-nat", forwarding=True)
         carrier: str | None = None
+        outside = self._add_isp_router if isp_router else self._plug
         if profile == "cgnat":
             carrier = self._new_netns(f"{name}-cgn", forwarding=True)
-            port = self._plug(carrier, "wan", public)
+            port = outside(carrier, "wan", public)
             link = CARRIER_LINKS[self._carriers]
             self._carriers += 1
             wan = str(link[2])
@@ -487,7 +495,7 @@ class Lab:
             )
             _nft(carrier, nat_ruleset("cone"))
         else:
-            port = self._plug(nat, "wan", public)
+            port = outside(nat, "wan", public)
             wan = public
         _ip(
             nat,
@@ -593,6 +601,37 @@ class Lab:
             f"addr add {address}/{INTERNET.prefixlen} dev {ifname}",
             f"link set {ifname} up",
             f"route add default via {GATEWAY}",
+        )
+        return port
+
+    def _add_isp_router(self, netns: str, ifname: str, address: str) -> str:
+        """
+        Connect ``ifname`` in ``netns`` to the internet through a router of
+        its own; return the router's bridge port.
+
+        The router has an internet address of its own and answers ARP for
+        ``address`` (proxy ARP), which it routes to ``netns`` over a
+        point-to-point veth: ``address`` stays on the internet's /24 for
+        everyone else, one hop further away.
+        """
+        router = self._new_netns(f"{netns.removeprefix(self.prefix + '-')}-isp", forwarding=True)
+        router_address = str(INTERNET[self._take_public_index()])
+        port = self._plug(router, "wan", router_address)
+        # Proxy ARP answers after a random delay of up to 0.8 s by default.
+        sysctls = ["net.ipv4.conf.wan.proxy_arp=1", "net.ipv4.neigh.wan.proxy_delay=0"]
+        _run(["ip", "netns", "exec", router, "sysctl", "-q", "-w", *sysctls])
+        _ip(
+            router,
+            f"link add cust type veth peer name {ifname} netns {netns}",
+            "link set cust up",
+            f"route add {address}/32 dev cust",
+        )
+        _ip(
+            netns,
+            f"addr add {address}/32 dev {ifname}",
+            f"link set {ifname} up",
+            f"route add {router_address}/32 dev {ifname}",
+            f"route add default via {router_address}",
         )
         return port
 

@@ -83,13 +83,14 @@ class World:
         *,
         loss: int = 0,
         wan_input: str = "drop",
+        isp_router: bool = False,
         hosts: int | None = None,
         agents: list[str] | None = None,
     ) -> list[Host]:
         """
         A site called C{name} with the given NAT profile (or a public host
         for "public"), with an agent per host, named after its host unless
-        C{agents} names them.
+        C{agents} names them.  C{isp_router}: see L{Lab.add_site}.
         """
         if profile == "public":
             added = [self.lab.add_public_host(name)]
@@ -100,6 +101,7 @@ class World:
                 hosts=hosts,
                 loss=loss,
                 wan_input=wan_input,  # type: ignore[arg-type]
+                isp_router=isp_router,
             )
             self.sites[name] = site
             added = list(site.hosts)
@@ -283,7 +285,8 @@ def build_matrix_world(lab: Lab, keepalive: float = 2.0) -> World:
     """
     Two sites of every profile, a same-LAN site with two hosts, two cone
     NATs whose input chains admit unsolicited WAN traffic (docs/architecture.rst, "The NAT lab"),
-    and one more plain cone to face them.
+    and one more plain cone to face them.  (Two such NATs behind routers
+    of their ISPs: tests/netlab/test_open_input.py.)
     """
     world = World(lab, keepalive=keepalive, alternate_port=ALTERNATE_PORT)
     for profile, names in SITE_NAMES.items():
@@ -310,8 +313,9 @@ def matrix_pairs() -> list[tuple[str, str, str, str]]:
     pairs.append(("same-lan", "lan1", "lan2", "direct"))
     pairs.append(("cone(open) -> cone", "opena1", "plainc1", "direct"))
     pairs.append(("cone -> cone(open)", "plainc1", "openb1", "direct"))
-    # Both NATs let the other's first probe claim their mapping: only probes
-    # that cross in flight pass, so a direct path is a race; the relay
-    # carries the tunnel when it is lost.
+    # Both NATs let the other's first probe claim their mapping, and their
+    # WAN sides share one link (no router on which a primer could die): only
+    # probes that cross in flight pass, so a direct path is a race; the
+    # relay carries the tunnel when it is lost.
     pairs.append(("cone(open) -> cone(open)", "opena1", "openb1", "direct|relay"))
     return pairs

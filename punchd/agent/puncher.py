@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
@@ -20,6 +21,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from punchd import stun, wire
+from punchd.agent import hops
 from punchd.agent.api import HandOff, ProgressCallback, TunnelFailed
 from punchd.agent.birthday import MAX_AGENT_SPRAYS, BirthdayPlan, SocketBudget
 from punchd.agent.gatherers import RelayBinder, SignedGather
@@ -364,6 +366,7 @@ class Puncher:
             nonce=os.urandom(TUNNEL_ID_LENGTH),
             holds_first_checks=message.has(Attr.WAIT),
             peer_hard=message.has(Attr.HARD_NAT) and not message.has(Attr.WAIT),
+            trace=None if self._over_tls() else partial(hops.trace, self.reactor),
         )
         hard = self._hard() and not message.has(Attr.WAIT)
         tunnel = self._tunnel(

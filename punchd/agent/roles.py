@@ -9,15 +9,17 @@ initiator's nomination and waits for its confirmation.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from twisted.internet.defer import Deferred
 
 from punchd.agent.api import TunnelFailed
+from punchd.agent.hops import primer_ttl
 from punchd.agent.tunnel_core import CONFIRM_COPIES, LINGER_MIN
 from punchd.keys import PublicKey
-from punchd.wire import Candidate
+from punchd.wire import Candidate, CandidateKind
 
 if TYPE_CHECKING:
     from punchd.agent.tunnel import TunnelInputs
@@ -49,7 +51,7 @@ class Role(Protocol):
     holds_first_checks: bool
 
     def introduce(self, m: TunnelInputs, core: TunnelCore) -> Deferred[Introduced] | None:
-        "We have gathered: introduce ourselves, or say we already are."
+        "We have gathered: introduce ourselves (or say we already are), or fire when we have."
 
     def checks_started(self, core: TunnelCore) -> None:
         "Our first checks are out (or deliberately held back)."
@@ -113,11 +115,31 @@ class Responder:
     peer_hard: bool = False
     #: Fires with our candidates, the answer to the introduction.
     answer: Deferred[list[Candidate]] = field(default_factory=Deferred)
+    #: How many hops away the last router before an address is
+    #: (L{punchd.agent.hops.trace}); with it a responder told to wait primes
+    #: its NAT before it answers.
+    trace: Callable[[str], Deferred[int | None]] | None = None
     name: str = "responder"
     nominates: bool = False
 
-    def introduce(self, m: TunnelInputs, core: TunnelCore) -> None:
-        m.introduced(self.candidates, self.peer_key, self.nonce, self.peer_hard)
+    def introduce(self, m: TunnelInputs, core: TunnelCore) -> Deferred[Introduced] | None:
+        introduced = (self.candidates, self.peer_key, self.nonce, self.peer_hard)
+        target = self._public_address()
+        if not self.holds_first_checks or self.trace is None or target is None:
+            m.introduced(*introduced)
+            return None
+
+        def traced(router: int | None) -> Introduced:
+            core.primer_ttl = primer_ttl(router)
+            return introduced
+
+        return self.trace(target).addCallback(traced)
+
+    def _public_address(self) -> str | None:
+        "The peer's public IPv4 address, where its NAT is."
+        public = (CandidateKind.SRFLX, CandidateKind.MAPPED)
+        found = (c.host for c in self.candidates if c.kind in public and ":" not in c.host)
+        return next(found, None)
 
     def checks_started(self, core: TunnelCore) -> None:
         # Our first checks left before this answer can reach the initiator:

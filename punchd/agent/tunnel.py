@@ -180,6 +180,7 @@ def start_checking(
             budget = max(budget, core.birthday.duration + 1.0)
         data.timers.later(budget, m.roundIsSpent)
     if core.role.holds_first_checks:
+        core.prime()
         data.hold(core.wait_time())
     else:
         data.start()
@@ -536,6 +537,11 @@ class Tunnel:
         sock = self.sockets[local] if local < len(self.sockets) else None
         if sock is not None:
             sock.send(data, address)
+
+    def prime(self, local: int, data: bytes, address: Address, ttl: int) -> None:
+        sock = self.sockets[local] if local < len(self.sockets) else None
+        if isinstance(sock, TunnelSocket) and sock.family == socket.AF_INET:
+            sock.send_primer(data, address, ttl)
 
     def peek(self) -> None:
         for each in self._live():

@@ -80,6 +80,9 @@ class TunnelIO(Protocol):
     def send(self, local: int, data: bytes, address: Address) -> None:
         "Send best effort; errors are only logged."
 
+    def prime(self, local: int, data: bytes, address: Address, ttl: int) -> None:
+        "Send with a TTL that runs out before C{address}'s NAT; best effort."
+
     def peek(self) -> None:
         "From now on the peer's program may speak: look before consuming."
 
@@ -165,6 +168,9 @@ class TunnelCore:
     started_at: float = 0.0
     pairs: Pairs = field(default_factory=Pairs)
     signer: TunnelSigner | None = None
+    #: The TTL of our primers, when we hold our first checks and the peer's
+    #: NAT is far enough away for one (L{punchd.agent.hops}).
+    primer_ttl: int | None = None
     #: What the gatherers found: server-reflexive, port-mapped.
     found: list[Candidate] = field(default_factory=list)
     #: The gateway's mapping of our socket, while we hold one.
@@ -246,6 +252,25 @@ class TunnelCore:
             pair = self.pairs.add(1 if local is None else local, candidate)
             if relay and local is not None:
                 self.bind_relay(pair)
+
+    def prime(self) -> None:
+        """
+        Open our NAT toward the peer's public IPv4 candidates with checks
+        whose TTL runs out before they reach the peer's NAT: the peer's
+        first checks then find our side open, and nothing of ours reached
+        its NAT before it had sent (docs/architecture.rst, "Two open-input
+        NATs").
+        """
+        if self.primer_ttl is None or self.signer is None:
+            return
+        public = (CandidateKind.SRFLX, CandidateKind.MAPPED)
+        for pair in self.pairs:
+            if pair.remote.kind in public and ":" not in pair.remote.host:
+                data = self.signer.check(stun.new_transaction_id(), False)
+                self.io.prime(pair.local, data, pair.address, self.primer_ttl)
+        log.debug(
+            "tunnel {id}: primed our NAT with TTL {ttl}", id=self.id_hex[:12], ttl=self.primer_ttl
+        )
 
     def bind_relay(self, pair: Pair) -> None:
         """

@@ -109,6 +109,23 @@ class TunnelSocket:
         except OSError as e:
             log.debug("tunnel send to {address} failed: {error}", address=address, error=e)
 
+    def send_primer(self, data: bytes, address: tuple[str, int], ttl: int) -> None:
+        """
+        Send with C{ttl} (L{punchd.agent.hops}); later datagrams get the
+        socket's usual TTL again.
+        """
+        if self.sock is None:
+            return
+        try:
+            usual = self.sock.getsockopt(socket.IPPROTO_IP, socket.IP_TTL)
+            self.sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)
+            try:
+                self.sock.sendto(data, address)
+            finally:
+                self.sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, usual)
+        except OSError as e:
+            log.debug("primer to {address} failed: {error}", address=address, error=e)
+
     def connect(self, remote: tuple[str, int]) -> None:
         """
         From now on the kernel delivers only C{remote}'s datagrams here.

@@ -183,6 +183,10 @@ class SimSocket(TunnelSocket):
     def send(self, data: bytes, address: Address) -> None:
         self.endpoint.net.send(self.endpoint, data, address)
 
+    def send_primer(self, data: bytes, address: Address, ttl: int) -> None:
+        # A primer dies on the way: it is recorded, never delivered.
+        self.endpoint.net.primers.append((self.endpoint.name, address, ttl))
+
     def connect(self, remote: Address) -> None:
         self.endpoint.connected = remote
 
@@ -213,6 +217,8 @@ class Net:
         self.reactor = FakeReactor()
         self.log: list[Datagram] = []
         self.after_release: list[Datagram] = []
+        #: (endpoint, destination, TTL) of every primer sent.
+        self.primers: list[tuple[str, Address, int]] = []
         self.routes: dict[Address, tuple[Endpoint, str]] = {}
         self.servers: dict[Address, Callable[[bytes, Address], bytes | None]] = {}
         #: Relay ports: where what is sent to each goes, and from which port.
@@ -357,6 +363,7 @@ def make_role(kwargs: dict[str, Any]) -> Role:
         kwargs.pop("remote_candidates"),
         nonce=os.urandom(16),
         holds_first_checks=kwargs.pop("wait_for_peer", False),
+        trace=kwargs.pop("trace", None),
     )
 
 
@@ -1139,6 +1146,69 @@ def test_server_reflexive_gathering(net: Net) -> None:
     assert_clean_hand_off(pair)
 
 
+class Tracer:
+    """The responder's traceroute toward the peer's NAT, answered by hand."""
+
+    def __init__(self) -> None:
+        self.targets: list[str] = []
+        self.cancelled = False
+        self.deferred: Deferred[int | None] = Deferred(self._cancel)
+
+    def _cancel(self, d: Deferred[int | None]) -> None:
+        self.cancelled = True
+
+    def __call__(self, target: str) -> Deferred[int | None]:
+        self.targets.append(target)
+        return self.deferred
+
+
+def waiting_responder(net: Net, tracer: Tracer) -> Pair:
+    net.stun_server(RENDEZVOUS)
+    return make_pair(
+        net,
+        a={"public": ("198.51.100.10", 40000), "rendezvous": RENDEZVOUS},
+        b={
+            "public": ("198.51.100.20", 50000),
+            "rendezvous": RENDEZVOUS,
+            "wait_for_peer": True,
+            "trace": tracer,
+        },
+    )
+
+
+@pytest.mark.parametrize(("router", "primer"), [(3, 3), (1, None), (None, None)])
+def test_a_responder_told_to_wait_primes_its_nat_before_it_answers(
+    net: Net, router: int | None, primer: int | None
+) -> None:
+    tracer = Tracer()
+    pair = waiting_responder(net, tracer)
+    net.run(0.1)
+    assert tracer.targets == ["198.51.100.10"]  # the initiator's NAT
+    answer = pair.b.core.role.answer
+    assert not answer.called and net.primers == []
+    primed_before_answer: list[list[Any]] = []
+    answer.addCallback(lambda _: primed_before_answer.append(list(net.primers)))
+    tracer.deferred.callback(router)
+    # A primer to the initiator's public address only, dying at that router.
+    expected = [] if primer is None else [("b", ("198.51.100.10", 40000), primer)]
+    assert primed_before_answer == [expected]
+    net.run(1.0)
+    assert_clean_hand_off(pair)
+    assert net.primers == expected
+
+
+def test_a_responder_that_gives_up_while_tracing_cancels_the_trace(net: Net) -> None:
+    tracer = Tracer()
+    pair = waiting_responder(net, tracer)
+    net.run(0.1)
+    pair.b.result.cancel()
+    assert pair.failure("b").code == "cancelled"
+    assert tracer.cancelled
+    assert net.primers == []
+    pair.a.result.cancel()
+    assert net.reactor.getDelayedCalls() == [] and net.reactor.readers == set()
+
+
 GATHER_KEY = b"k" * 32
 
 
@@ -1206,6 +1276,34 @@ def test_silent_rendezvous_gathers_host_candidates_only(net: Net) -> None:
 
 
 # -- the real socket -----------------------------------------------------------
+
+
+#: Linux's C{IP_RECVTTL}, which Python's socket module does not name.
+IP_RECVTTL = 12
+
+
+def test_a_primer_leaves_with_its_ttl_and_later_datagrams_with_the_usual_one() -> None:
+    reactor = FakeReactor()
+    sock = TunnelSocket(reactor, lambda d, s: None, lambda d, s: False, bind=("127.0.0.1", 0))  # type: ignore[arg-type]
+    peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        peer.bind(("127.0.0.1", 0))
+        peer.setsockopt(socket.IPPROTO_IP, IP_RECVTTL, 1)
+        peer.settimeout(5.0)
+        usual = peer.getsockopt(socket.IPPROTO_IP, socket.IP_TTL)
+
+        def ttl_of_next() -> int:
+            _, ancdata, _, _ = peer.recvmsg(64, 64)
+            [(level, kind, value)] = ancdata
+            assert (level, kind) == (socket.IPPROTO_IP, socket.IP_TTL)
+            return int.from_bytes(value, "little")
+
+        sock.send_primer(b"primer", peer.getsockname(), 3)
+        sock.send(b"check", peer.getsockname())
+        assert [ttl_of_next(), ttl_of_next()] == [3, usual]
+    finally:
+        peer.close()
+        sock.close()
 
 
 def test_tunnel_socket_peeks_and_release_keeps_the_programs_data() -> None:
