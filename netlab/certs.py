@@ -17,11 +17,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-__all__ = ["TestCertificates", "make_certificates"]
+__all__ = ["LabCertificates", "make_certificates"]
 
 
 @dataclass(frozen=True)
-class TestCertificates:
+class LabCertificates:
     #: The CA's certificate (PEM): what an agent's C{rendezvous_ca} names.
     ca: Path
     #: The server's certificate (PEM): C{tls_certificate}.
@@ -47,7 +47,7 @@ def make_certificates(
     *,
     ca_name: str = "punchd test CA",
     prefix: str = "",
-) -> TestCertificates:
+) -> LabCertificates:
     """
     Write a fresh CA and a server certificate for C{names} (host names or
     IP addresses) into C{directory}, valid from an hour ago for two days.
@@ -85,7 +85,7 @@ def make_certificates(
         .sign(ca_key, hashes.SHA256())
     )
     directory.mkdir(parents=True, exist_ok=True)
-    paths = TestCertificates(
+    paths = LabCertificates(
         ca=directory / f"{prefix}ca.pem",
         certificate=directory / f"{prefix}server.pem",
         private_key=directory / f"{prefix}server.key",

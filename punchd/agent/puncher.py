@@ -366,7 +366,9 @@ class Puncher:
             nonce=os.urandom(TUNNEL_ID_LENGTH),
             holds_first_checks=message.has(Attr.WAIT),
             peer_hard=message.has(Attr.HARD_NAT) and not message.has(Attr.WAIT),
-            trace=None if self._over_tls() else partial(hops.trace, self.reactor),
+            # A primer opens a NAT that maps per destination on a port the
+            # peer never hears of: only an easy NAT is worth the trace.
+            trace=None if self._over_tls() or self._hard() else partial(hops.trace, self.reactor),
         )
         hard = self._hard() and not message.has(Attr.WAIT)
         tunnel = self._tunnel(

@@ -19,7 +19,7 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 
-from netlab.certs import TestCertificates, make_certificates
+from netlab.certs import LabCertificates, make_certificates
 from punchd.agent.stream import RendezvousStream, StreamRefused, connect_stream, trust_root
 from punchd.agent.stream_relay import StreamChannel
 from punchd.framing import Deframer, Relayed, Signalling, parse_frame, relayed_frame, stun_frame
@@ -51,12 +51,12 @@ class FrameServer(Protocol):
 
 
 @pytest.fixture
-def certificates(tmp_path: Path) -> TestCertificates:
+def certificates(tmp_path: Path) -> LabCertificates:
     return make_certificates(tmp_path, ["127.0.0.1", "rendezvous.test"])
 
 
 @pytest.fixture
-def server(certificates: TestCertificates) -> Iterator[tuple[int, list[Any]]]:
+def server(certificates: LabCertificates) -> Iterator[tuple[int, list[Any]]]:
     seen: list[Any] = []
     pem = certificates.certificate.read_text() + certificates.private_key.read_text()
     options = ssl.PrivateCertificate.loadPEM(pem).options()
@@ -82,7 +82,7 @@ async def wait_for(condition: Callable[[], object], what: str) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_a_checked_stream_carries_signalling_both_ways(
-    server: tuple[int, list[Any]], certificates: TestCertificates
+    server: tuple[int, list[Any]], certificates: LabCertificates
 ) -> None:
     port, seen = server
     lost: list[str] = []
@@ -133,7 +133,7 @@ async def test_a_certificate_for_another_host_name_is_refused_in_words(
 
 
 @pytest_twisted.ensureDeferred
-async def test_nothing_listening_is_a_clear_failure(certificates: TestCertificates) -> None:
+async def test_nothing_listening_is_a_clear_failure(certificates: LabCertificates) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         free = s.getsockname()[1]
@@ -152,7 +152,7 @@ def test_a_ca_file_without_certificates_is_an_error(tmp_path: Path) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_a_relay_tls_tunnel_pumps_the_program_end(
-    server: tuple[int, list[Any]], certificates: TestCertificates
+    server: tuple[int, list[Any]], certificates: LabCertificates
 ) -> None:
     port, seen = server
     lost: list[str] = []
@@ -225,7 +225,7 @@ class Silent(Protocol):
 
 @pytest_twisted.ensureDeferred
 async def test_an_attempt_given_up_mid_handshake_leaves_no_connection(
-    certificates: TestCertificates,
+    certificates: LabCertificates,
 ) -> None:
     seen: list[str] = []
     listening = reactor.listenTCP(  # type: ignore[attr-defined]

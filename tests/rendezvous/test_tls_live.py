@@ -163,12 +163,12 @@ def metrics(port: int) -> dict[str, float]:
 
 
 @pytest.fixture
-def certificates(tmp_path: Path) -> test_certs.TestCertificates:
+def certificates(tmp_path: Path) -> test_certs.LabCertificates:
     return test_certs.make_certificates(tmp_path / "certs", ["127.0.0.1"])
 
 
 @pytest.fixture
-def tls_live(tmp_path: Path, certificates: test_certs.TestCertificates) -> Iterator[Deployment]:
+def tls_live(tmp_path: Path, certificates: test_certs.LabCertificates) -> Iterator[Deployment]:
     tls_port, metrics_port = free_tcp_port(), free_tcp_port()
     low = min(free_udp_port(), 64000)
     extra = (
@@ -189,7 +189,7 @@ def tls_live(tmp_path: Path, certificates: test_certs.TestCertificates) -> Itera
 
 
 def test_an_agent_over_tls_registers_lists_peers_and_relays_with_a_udp_agent(
-    tls_live: Deployment, certificates: test_certs.TestCertificates
+    tls_live: Deployment, certificates: test_certs.LabCertificates
 ) -> None:
     d = tls_live
     server = d.rendezvous_key
@@ -283,7 +283,7 @@ def test_an_agent_over_tls_registers_lists_peers_and_relays_with_a_udp_agent(
 
 
 def test_a_tls_client_that_never_authenticates_is_dropped(
-    tmp_path: Path, certificates: test_certs.TestCertificates
+    tmp_path: Path, certificates: test_certs.LabCertificates
 ) -> None:
     tls_port = free_tcp_port()
     extra = (
@@ -324,7 +324,7 @@ def test_a_tls_client_that_never_authenticates_is_dropped(
 
 
 def test_a_key_that_is_not_the_certificates_stops_the_daemon_in_one_line(
-    tmp_path: Path, certificates: test_certs.TestCertificates
+    tmp_path: Path, certificates: test_certs.LabCertificates
 ) -> None:
     other = test_certs.make_certificates(tmp_path / "other", ["127.0.0.1"])
     extra = (
