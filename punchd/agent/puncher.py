@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable
-from functools import partial
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail, succeed
@@ -101,6 +100,8 @@ class Puncher:
         self.relayed = 0
         self.failed = 0
         self._rendezvous_offset: float | None = None
+        #: The traces of responders told to wait (L{hops.Tracer}).
+        self.tracer = hops.Tracer(reactor)
 
     def _tunnel_socket(
         self,
@@ -368,7 +369,7 @@ class Puncher:
             peer_hard=message.has(Attr.HARD_NAT) and not message.has(Attr.WAIT),
             # A primer opens a NAT that maps per destination on a port the
             # peer never hears of: only an easy NAT is worth the trace.
-            trace=None if self._over_tls() or self._hard() else partial(hops.trace, self.reactor),
+            trace=None if self._over_tls() or self._hard() else self.tracer,
         )
         hard = self._hard() and not message.has(Attr.WAIT)
         tunnel = self._tunnel(

@@ -130,7 +130,8 @@ class Responder:
             return None
 
         def traced(router: int | None) -> Introduced:
-            core.primer_ttl = primer_ttl(router)
+            ttl = primer_ttl(router)
+            core.primer = None if ttl is None else (target, ttl)
             return introduced
 
         return self.trace(target).addCallback(traced)

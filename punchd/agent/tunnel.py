@@ -539,6 +539,7 @@ class Tunnel:
             sock.send(data, address)
 
     def prime(self, local: int, data: bytes, address: Address, ttl: int) -> None:
+        "Only a UDP socket of ours primes; a TLS stream's channel has no TTL."
         sock = self.sockets[local] if local < len(self.sockets) else None
         if isinstance(sock, TunnelSocket) and sock.family == socket.AF_INET:
             sock.send_primer(data, address, ttl)

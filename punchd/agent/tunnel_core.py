@@ -168,9 +168,10 @@ class TunnelCore:
     started_at: float = 0.0
     pairs: Pairs = field(default_factory=Pairs)
     signer: TunnelSigner | None = None
-    #: The TTL of our primers, when we hold our first checks and the peer's
-    #: NAT is far enough away for one (L{punchd.agent.hops}).
-    primer_ttl: int | None = None
+    #: The peer's public IPv4 address and the TTL of our primers toward it,
+    #: when we hold our first checks and a router lies between the two NATs
+    #: (L{punchd.agent.hops}).
+    primer: tuple[str, int] | None = None
     #: What the gatherers found: server-reflexive, port-mapped.
     found: list[Candidate] = field(default_factory=list)
     #: The gateway's mapping of our socket, while we hold one.
@@ -261,15 +262,21 @@ class TunnelCore:
         its NAT before it had sent (docs/architecture.rst, "Two open-input
         NATs").
         """
-        if self.primer_ttl is None or self.signer is None:
+        if self.primer is None or self.signer is None:
             return
+        # Only the traced address: the TTL says nothing of the path to another.
+        host, ttl = self.primer
         public = (CandidateKind.SRFLX, CandidateKind.MAPPED)
-        for pair in self.pairs:
-            if pair.remote.kind in public and ":" not in pair.remote.host:
-                data = self.signer.check(stun.new_transaction_id(), False)
-                self.io.prime(pair.local, data, pair.address, self.primer_ttl)
+        primed = [p for p in self.pairs if p.remote.kind in public and p.remote.host == host]
+        for pair in primed:
+            self.io.prime(
+                pair.local, self.signer.check(stun.new_transaction_id(), False), pair.address, ttl
+            )
         log.debug(
-            "tunnel {id}: primed our NAT with TTL {ttl}", id=self.id_hex[:12], ttl=self.primer_ttl
+            "tunnel {id}: primed our NAT toward {n} of the peer's candidates with TTL {ttl}",
+            id=self.id_hex[:12],
+            n=len(primed),
+            ttl=ttl,
         )
 
     def bind_relay(self, pair: Pair) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import socket
+import struct
 from collections.abc import Callable
 
 from twisted.internet.interfaces import IReactorFDSet
@@ -111,18 +112,14 @@ class TunnelSocket:
 
     def send_primer(self, data: bytes, address: tuple[str, int], ttl: int) -> None:
         """
-        Send with C{ttl} (L{punchd.agent.hops}); later datagrams get the
-        socket's usual TTL again.
+        Send with C{ttl} (L{punchd.agent.hops}), for this datagram only: the
+        TTL rides along as ancillary data, the socket keeps its own.
         """
         if self.sock is None:
             return
+        ancillary = [(socket.IPPROTO_IP, socket.IP_TTL, struct.pack("i", ttl))]
         try:
-            usual = self.sock.getsockopt(socket.IPPROTO_IP, socket.IP_TTL)
-            self.sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, ttl)
-            try:
-                self.sock.sendto(data, address)
-            finally:
-                self.sock.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, usual)
+            self.sock.sendmsg([data], ancillary, 0, address)
         except OSError as e:
             log.debug("primer to {address} failed: {error}", address=address, error=e)
 

@@ -1176,7 +1176,7 @@ def waiting_responder(net: Net, tracer: Tracer) -> Pair:
     )
 
 
-@pytest.mark.parametrize(("router", "primer"), [(3, 3), (1, None), (None, None)])
+@pytest.mark.parametrize(("router", "primer"), [(3, 3), (6, 5), (1, None), (None, None)])
 def test_a_responder_told_to_wait_primes_its_nat_before_it_answers(
     net: Net, router: int | None, primer: int | None
 ) -> None:
@@ -1195,6 +1195,23 @@ def test_a_responder_told_to_wait_primes_its_nat_before_it_answers(
     net.run(1.0)
     assert_clean_hand_off(pair)
     assert net.primers == expected
+
+
+def test_only_the_traced_address_is_primed(net: Net) -> None:
+    tracer = Tracer()
+    pair = waiting_responder(net, tracer)
+    # The initiator names a second public address (say, a port mapping on
+    # another uplink): the trace says nothing of the path there.
+    forward = pair.intro.forward
+    elsewhere = Candidate(CandidateKind.MAPPED, "198.51.100.99", 41000)
+    pair.intro.forward = lambda candidates: forward([*candidates, elsewhere])
+    net.run(0.1)
+    assert tracer.targets == ["198.51.100.10"]
+    tracer.deferred.callback(4)
+    assert net.primers == [("b", ("198.51.100.10", 40000), 3)]
+    assert ("198.51.100.99", 41000) in remotes(pair.b)
+    net.run(1.0)
+    assert_clean_hand_off(pair)
 
 
 def test_a_responder_that_gives_up_while_tracing_cancels_the_trace(net: Net) -> None:
