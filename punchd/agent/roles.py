@@ -115,9 +115,9 @@ class Responder:
     peer_hard: bool = False
     #: Fires with our candidates, the answer to the introduction.
     answer: Deferred[list[Candidate]] = field(default_factory=Deferred)
-    #: How many hops away the last router before an address is
-    #: (L{punchd.agent.hops.trace}); with it a responder told to wait primes
-    #: its NAT before it answers.
+    #: How many hops away the farthest router toward an address that
+    #: answers is (L{punchd.agent.hops.Tracer}); with it a responder told to
+    #: wait primes its NAT before it answers.
     trace: Callable[[str], Deferred[int | None]] | None = None
     name: str = "responder"
     nominates: bool = False
