@@ -1,6 +1,7 @@
 """Netlab tests build real NATs: they need root, and under CI they must run."""
 
 import os
+from collections.abc import Iterator
 
 import pytest
 
@@ -22,3 +23,10 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     """Decide before any lab fixture runs, so that no fixture fails for lack of root."""
     if item.get_closest_marker("netlab") is not None:
         requires_root()
+
+
+@pytest.fixture
+def lab() -> Iterator[netlab.Lab]:
+    """A fresh lab for one test, torn down after it."""
+    with netlab.Lab() as lab:
+        yield lab

@@ -8,7 +8,6 @@ so the connect succeeds within the target's keepalive period plus a second.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -20,12 +19,6 @@ pytestmark = pytest.mark.netlab
 #: Longer than the rendezvous used to retry an Incoming (6.75 s), shorter
 #: than it now holds an introduction (8.75 s).
 KEEPALIVE = 8.0
-
-
-@pytest.fixture
-def lab() -> Iterator[Lab]:
-    with Lab() as lab:
-        yield lab
 
 
 def wait_for_refresh(world: World, name: str, timeout: float = 2 * KEEPALIVE) -> None:

@@ -9,7 +9,6 @@ no direct path exists, and again after the target's node dies.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -22,12 +21,6 @@ pytestmark = pytest.mark.netlab
 
 REDIS_PORT = 6379
 NODE_PORT = 3478
-
-
-@pytest.fixture
-def lab() -> Iterator[Lab]:
-    with Lab() as lab:
-        yield lab
 
 
 def node_of(world: World, service: Service, agent: str) -> str:

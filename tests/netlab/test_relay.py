@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -33,12 +32,6 @@ while time.monotonic() < end:
             pass
     time.sleep(0.001)
 """
-
-
-@pytest.fixture
-def lab() -> Iterator[Lab]:
-    with Lab() as lab:
-        yield lab
 
 
 def test_a_relayed_tunnel_carries_everything_and_nothing_else(lab: Lab) -> None:

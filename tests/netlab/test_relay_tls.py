@@ -8,7 +8,6 @@ certificate is refused, and status says why.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +23,6 @@ from tests import wait_for
 pytestmark = pytest.mark.netlab
 
 TLS_PORT = 443
-
-
-@pytest.fixture
-def lab() -> Iterator[Lab]:
-    with Lab() as lab:
-        yield lab
 
 
 def tls_world(lab: Lab, ca_dir: Path, server_dir: Path | None = None) -> World:

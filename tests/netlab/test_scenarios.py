@@ -6,8 +6,6 @@ lab's namespaces and a program on each host uses punchd.client.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
 from netlab.lab import Lab
@@ -20,12 +18,6 @@ from netlab.scenarios import (
 )
 
 pytestmark = pytest.mark.netlab
-
-
-@pytest.fixture
-def lab() -> Iterator[Lab]:
-    with Lab() as lab:
-        yield lab
 
 
 def test_every_pair_of_nat_profiles(lab: Lab, capsys: pytest.CaptureFixture[str]) -> None:
