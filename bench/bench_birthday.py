@@ -15,10 +15,9 @@ import argparse
 import math
 import statistics
 import sys
-import time
-from collections import Counter
 from collections.abc import Sequence
 
+from bench.tries import percentile, try_tunnel
 from netlab.lab import Lab, unavailable_reason
 from netlab.scenarios import World
 from punchd.agent.birthday import PORTS
@@ -32,11 +31,6 @@ def expected_probes(chance: float, sockets: int = SOCKETS) -> float:
     Probes needed to find one of C{sockets} open ports with C{chance}.
     """
     return math.log(1 - chance) / math.log(1 - sockets / len(PORTS))
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def run(tries: int, timeout: float) -> None:
@@ -54,27 +48,14 @@ def run(tries: int, timeout: float) -> None:
 
 
 def measure(world: World, initiator: str, responder: str, tries: int, timeout: float) -> None:
-    paths: Counter[str] = Counter()
-    times: list[float] = []
+    done = try_tunnel(world, initiator, responder, tries, timeout)
     probes: list[int] = []
-    started = time.monotonic()
-    for _ in range(tries):
-        outcome = world.tunnel(initiator, responder, timeout=timeout)
-        paths[outcome.path if outcome.ok else f"failed ({outcome.code})"] += 1
-        if outcome.ok and outcome.path == "direct" and outcome.setup_ms is not None:
-            times.append(outcome.setup_ms)
-            easy = outcome.info if initiator == "cone" else outcome.accept.get("info", {})
-            if "birthday_probes" in easy:
-                probes.append(easy["birthday_probes"])
-    print(f"\n{initiator} -> {responder}: {tries} tries in {time.monotonic() - started:.0f} s")
-    print("  outcomes: " + ", ".join(f"{k} {v}" for k, v in paths.most_common()))
-    direct = paths["direct"]
-    print(f"  direct: {direct}/{tries} = {direct / tries:.0%}")
-    if times:
-        print(
-            f"  set-up of direct tunnels (ms): median {statistics.median(times):.0f},"
-            f" p95 {percentile(times, 0.95):.0f}, worst {max(times):.0f}"
-        )
+    for outcome in done.direct:
+        easy = outcome.info if initiator == "cone" else outcome.accept.get("info", {})
+        if "birthday_probes" in easy:
+            probes.append(easy["birthday_probes"])
+    print(f"\n{initiator} -> {responder}: {tries} tries in {done.seconds:.0f} s")
+    done.print_summary()
     if probes:
         print(
             f"  probes sent by the easy side per success: median {statistics.median(probes):.0f},"

@@ -10,13 +10,10 @@ the same NATs sharing one link (no hop for a primer to die on: a race).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
-from collections import Counter
 from collections.abc import Sequence
 
-from bench.bench_birthday import percentile
+from bench.tries import try_tunnel
 from netlab.lab import Lab, unavailable_reason
 from netlab.scenarios import World
 
@@ -46,23 +43,9 @@ def run(tries: int, timeout: float) -> None:
 def measure(
     world: World, initiator: str, responder: str, label: str, tries: int, timeout: float
 ) -> None:
-    paths: Counter[str] = Counter()
-    times: list[float] = []
-    started = time.monotonic()
-    for _ in range(tries):
-        outcome = world.tunnel(initiator, responder, timeout=timeout)
-        paths[outcome.path if outcome.ok else f"failed ({outcome.code})"] += 1
-        if outcome.ok and outcome.path == "direct" and outcome.setup_ms is not None:
-            times.append(outcome.setup_ms)
-    print(f"\nopen-input cone -> open-input cone, {label}: {tries} tries")
-    print(f"  in {time.monotonic() - started:.0f} s")
-    print("  outcomes: " + ", ".join(f"{k} {v}" for k, v in paths.most_common()))
-    print(f"  direct: {paths['direct']}/{tries}")
-    if times:
-        print(
-            f"  set-up of direct tunnels (ms): median {statistics.median(times):.0f},"
-            f" p95 {percentile(times, 0.95):.0f}, worst {max(times):.0f}"
-        )
+    done = try_tunnel(world, initiator, responder, tries, timeout)
+    print(f"\nopen-input cone -> open-input cone, {label}: {tries} tries in {done.seconds:.0f} s")
+    done.print_summary()
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -33,6 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.tries import percentile
 from netlab import certs
 from netlab.deployment import Deployment, free_udp_port
 from punchd import stun, wire
@@ -263,11 +264,6 @@ def flow(a: End, b: End, count: int, size: int, pid: int) -> Flow:
             received += 1
     seconds = time.perf_counter() - start
     return Flow(count, received, seconds, cpu_seconds(pid) - cpu)
-
-
-def percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(p * len(ordered)))]
 
 
 def report(t: Tunnels, pid: int, count: int, rounds: int, size: int) -> None:
