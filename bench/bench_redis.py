@@ -64,6 +64,7 @@ from punchd.rendezvous import directory
 from punchd.rendezvous.resp import BlockingRedis
 from punchd.stun import Attr, MessageClass, Method
 from tests import wait_for
+from tests.rendezvous import accepted
 from tests.rendezvous.redis_helpers import Launch, RedisServer, Service
 
 RATES = [5_000, 10_000, 15_000, 20_000, 25_000, 30_000, 35_000, 40_000]
@@ -662,14 +663,7 @@ def introduce(initiator: SimAgent, target: SimAgent) -> float | None:
         for sock in ready:
             message = stun.parse(sock.recv(4096))
             if sock is target.sock and message.method == Method.INCOMING:
-                answer = wire.signed(
-                    Method.INCOMING,
-                    MessageClass.SUCCESS,
-                    message.transaction_id,
-                    [(Attr.TUNNEL_NONCE, os.urandom(16))],
-                    target.key,
-                )
-                target.sock.sendto(answer, target.server)
+                target.sock.sendto(accepted(message, target.key), target.server)
             elif sock is initiator.sock and message.transaction_id == tid:
                 if message.cls == MessageClass.SUCCESS:
                     return time.perf_counter() - started

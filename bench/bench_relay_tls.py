@@ -40,6 +40,7 @@ from punchd import stun, wire
 from punchd.framing import Signalling, relayed_frame, stun_frame
 from punchd.relay import build_bind, parse_bind_answer
 from punchd.stun import Attr, MessageClass, Method
+from tests.rendezvous import accepted
 from tests.rendezvous.test_tls_live import TLSAgent, UDPAgent, free_tcp_port
 
 WINDOW = 100
@@ -121,14 +122,7 @@ def relay_ports(
         incoming = stun.parse(bob.sock.recv(2048))
         if incoming.method == Method.INCOMING and incoming.get(Attr.TUNNEL_ID) == tunnel:
             break
-    accept = wire.signed(
-        Method.INCOMING,
-        MessageClass.SUCCESS,
-        incoming.transaction_id,
-        [(Attr.TUNNEL_NONCE, os.urandom(16))],
-        bob.key,
-    )
-    bob.sock.sendto(accept, bob.server)
+    bob.sock.sendto(accepted(incoming, bob.key), bob.server)
     while True:
         message = initiator.check(answer(), tid)
         if message is not None:

@@ -16,7 +16,7 @@ import struct
 import subprocess
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -31,6 +31,7 @@ from punchd.keys import PrivateKey, derive_rendezvous_key
 from punchd.relay import build_bind, parse_bind_answer
 from punchd.stun import Attr, MessageClass, Method
 from tests import wait_for
+from tests.rendezvous import accepted
 from tests.rendezvous.test_live import failures_in_log
 
 DEADLINE = 30.0
@@ -55,7 +56,7 @@ class Signer:
         self.sequence = time.time_ns() // 1000
         self.nonce = bytes(20)
 
-    def request(self, method: int, attributes: list[tuple[int, bytes]]) -> tuple[bytes, bytes]:
+    def request(self, method: int, attributes: Sequence[tuple[int, bytes]]) -> tuple[bytes, bytes]:
         self.sequence += 1
         tid = stun.new_transaction_id()
         header = [
@@ -63,7 +64,7 @@ class Signer:
             (Attr.SEQUENCE, stun.encode_u64(self.sequence)),
             (Attr.NONCE, self.nonce),
         ]
-        return tid, wire.signed(method, MessageClass.REQUEST, tid, header + attributes, self.key)
+        return tid, wire.signed(method, MessageClass.REQUEST, tid, [*header, *attributes], self.key)
 
     def check(self, data: bytes, tid: bytes) -> stun.Message | None:
         """
@@ -74,6 +75,25 @@ class Signer:
             return None
         assert stun.verify_integrity_sha256(message, self.key)
         return message
+
+    def ask(self, method: int, attributes: Sequence[tuple[int, bytes]]) -> stun.Message:
+        """
+        The signed answer, after taking a 438's nonce as the agent does.
+        """
+        for _ in range(2):
+            tid, request = self.request(method, attributes)
+            answer = self.exchange(request, tid)
+            if answer.cls == MessageClass.ERROR and wire.error_of(answer)[0] == 438:
+                nonce = answer.get(Attr.NONCE)
+                assert nonce is not None
+                self.nonce = nonce
+                continue
+            return answer
+        raise AssertionError("no answer but 438s")
+
+    def exchange(self, request: bytes, tid: bytes) -> stun.Message:
+        "Send C{request}; its answer (the transport's own part)."
+        raise NotImplementedError
 
 
 class TLSAgent(Signer):
@@ -99,26 +119,14 @@ class TLSAgent(Signer):
             self._frames += [parse_frame(p) for p in self._deframer.feed(data)]
         return self._frames.pop(0)
 
-    def ask(self, method: int, attributes: list[tuple[int, bytes]]) -> stun.Message:
-        """
-        The signed answer, after taking a 438's nonce as the agent does.
-        """
-        for _ in range(2):
-            tid, request = self.request(method, attributes)
-            self.sock.sendall(stun_frame(request))
-            while True:
-                frame = self.frame()
-                assert isinstance(frame, Signalling)
-                answer = self.check(frame.message, tid)
-                if answer is not None:
-                    break
-            if answer.cls == MessageClass.ERROR and wire.error_of(answer)[0] == 438:
-                nonce = answer.get(Attr.NONCE)
-                assert nonce is not None
-                self.nonce = nonce
-                continue
-            return answer
-        raise AssertionError("no answer but 438s")
+    def exchange(self, request: bytes, tid: bytes) -> stun.Message:
+        self.sock.sendall(stun_frame(request))
+        while True:
+            frame = self.frame()
+            assert isinstance(frame, Signalling)
+            answer = self.check(frame.message, tid)
+            if answer is not None:
+                return answer
 
     def relayed(self) -> Relayed:
         frame = self.frame()
@@ -134,21 +142,12 @@ class UDPAgent(Signer):
         self.sock.bind(("127.0.0.1", 0))
         self.sock.settimeout(DEADLINE)
 
-    def ask(self, method: int, attributes: list[tuple[int, bytes]]) -> stun.Message:
-        for _ in range(2):
-            tid, request = self.request(method, attributes)
-            self.sock.sendto(request, self.server)
-            while True:
-                answer = self.check(self.sock.recv(2048), tid)
-                if answer is not None:
-                    break
-            if answer.cls == MessageClass.ERROR and wire.error_of(answer)[0] == 438:
-                nonce = answer.get(Attr.NONCE)
-                assert nonce is not None
-                self.nonce = nonce
-                continue
-            return answer
-        raise AssertionError("no answer but 438s")
+    def exchange(self, request: bytes, tid: bytes) -> stun.Message:
+        self.sock.sendto(request, self.server)
+        while True:
+            answer = self.check(self.sock.recv(2048), tid)
+            if answer is not None:
+                return answer
 
 
 def metrics(port: int) -> dict[str, float]:
@@ -221,14 +220,7 @@ def test_an_agent_over_tls_registers_lists_peers_and_relays_with_a_udp_agent(
     assert (incoming.method, incoming.cls) == (Method.INCOMING, MessageClass.REQUEST)
     assert stun.verify_integrity_sha256(incoming, bob.key)
     bob_port = stun.decode_u32(incoming.get(Attr.RELAY_PORT) or b"")
-    accept = wire.signed(
-        Method.INCOMING,
-        MessageClass.SUCCESS,
-        incoming.transaction_id,
-        [(Attr.TUNNEL_NONCE, os.urandom(16))],
-        bob.key,
-    )
-    bob.sock.sendto(accept, bob.server)
+    bob.sock.sendto(accepted(incoming, bob.key), bob.server)
     frame = alice.frame()
     assert isinstance(frame, Signalling)
     answer = alice.check(frame.message, connect_tid)
