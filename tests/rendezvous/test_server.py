@@ -1305,14 +1305,10 @@ def test_a_relay_asked_for_and_not_given_is_explained_to_the_initiator(
     ((forwarded, _),) = h.receive(data, alice.address)
     incoming = stun.parse(forwarded)
     assert not incoming.has(Attr.RELAY_PORT) and not incoming.has(Attr.RELAY_REFUSED)
-    accepted = wire.signed(
-        Method.INCOMING,
-        MessageClass.SUCCESS,
-        incoming.transaction_id,
-        accept(incoming.transaction_id),
-        bob.key,
+    sent = target_answer(
+        Introduction(h, alice, bob, tid, data, incoming), MessageClass.SUCCESS, accept
     )
-    answer = h.answer_of(alice, tid, h.receive(accepted, bob.address))
+    answer = h.answer_of(alice, tid, sent)
     assert answer.cls == MessageClass.SUCCESS and not answer.has(Attr.RELAY_PORT)
     assert answer.get(Attr.RELAY_REFUSED) == reason.encode()
     # Not asked, not explained.
@@ -1322,12 +1318,8 @@ def test_a_relay_asked_for_and_not_given_is_explained_to_the_initiator(
     tid, data = alice.request(Method.CONNECT, connect_attributes("bob", tunnel_id=b"U" * 16))
     ((forwarded, _),) = h2.receive(data, alice.address)
     incoming = stun.parse(forwarded)
-    accepted = wire.signed(
-        Method.INCOMING,
-        MessageClass.SUCCESS,
-        incoming.transaction_id,
-        accept(incoming.transaction_id),
-        bob.key,
+    sent = target_answer(
+        Introduction(h2, alice, bob, tid, data, incoming), MessageClass.SUCCESS, accept
     )
-    answer = h2.answer_of(alice, tid, h2.receive(accepted, bob.address))
+    answer = h2.answer_of(alice, tid, sent)
     assert answer.cls == MessageClass.SUCCESS and not answer.has(Attr.RELAY_REFUSED)
