@@ -1299,28 +1299,40 @@ def test_silent_rendezvous_gathers_host_candidates_only(net: Net) -> None:
 IP_RECVTTL = 12
 
 
-def test_a_primer_leaves_with_its_ttl_and_later_datagrams_with_the_usual_one() -> None:
+@pytest.fixture
+def on_loopback() -> Iterator[tuple[TunnelSocket, socket.socket]]:
+    """
+    A tunnel socket on loopback that passes nothing on (what it reads, it
+    drops), and a peer socket bound beside it.
+    """
     reactor = FakeReactor()
     sock = TunnelSocket(reactor, lambda d, s: None, lambda d, s: False, bind=("127.0.0.1", 0))  # type: ignore[arg-type]
     peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         peer.bind(("127.0.0.1", 0))
-        peer.setsockopt(socket.IPPROTO_IP, IP_RECVTTL, 1)
-        peer.settimeout(5.0)
-        usual = peer.getsockopt(socket.IPPROTO_IP, socket.IP_TTL)
-
-        def ttl_of_next() -> int:
-            _, ancdata, _, _ = peer.recvmsg(64, 64)
-            [(level, kind, value)] = ancdata
-            assert (level, kind) == (socket.IPPROTO_IP, socket.IP_TTL)
-            return int.from_bytes(value, "little")
-
-        sock.send_primer(b"primer", peer.getsockname(), 3)
-        sock.send(b"check", peer.getsockname())
-        assert [ttl_of_next(), ttl_of_next()] == [3, usual]
+        yield sock, peer
     finally:
         peer.close()
         sock.close()
+
+
+def test_a_primer_leaves_with_its_ttl_and_later_datagrams_with_the_usual_one(
+    on_loopback: tuple[TunnelSocket, socket.socket],
+) -> None:
+    sock, peer = on_loopback
+    peer.setsockopt(socket.IPPROTO_IP, IP_RECVTTL, 1)
+    peer.settimeout(5.0)
+    usual = peer.getsockopt(socket.IPPROTO_IP, socket.IP_TTL)
+
+    def ttl_of_next() -> int:
+        _, ancdata, _, _ = peer.recvmsg(64, 64)
+        [(level, kind, value)] = ancdata
+        assert (level, kind) == (socket.IPPROTO_IP, socket.IP_TTL)
+        return int.from_bytes(value, "little")
+
+    sock.send_primer(b"primer", peer.getsockname(), 3)
+    sock.send(b"check", peer.getsockname())
+    assert [ttl_of_next(), ttl_of_next()] == [3, usual]
 
 
 def test_tunnel_socket_peeks_and_release_keeps_the_programs_data() -> None:
@@ -1369,42 +1381,37 @@ def test_tunnel_socket_peeks_and_release_keeps_the_programs_data() -> None:
         sock.close()
 
 
-def test_tunnel_socket_release_consumes_queued_stragglers() -> None:
-    reactor = FakeReactor()
-    sock = TunnelSocket(reactor, lambda d, s: None, lambda d, s: False, bind=("127.0.0.1", 0))  # type: ignore[arg-type]
-    peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+def test_tunnel_socket_release_consumes_queued_stragglers(
+    on_loopback: tuple[TunnelSocket, socket.socket],
+) -> None:
+    sock, peer = on_loopback
+    peer.sendto(b"ours 1", sock.local)
+    peer.sendto(b"ours 2", sock.local)
+    wait_readable(sock)
+    sock.connect(peer.getsockname())
+    handed = sock.release(peer.getsockname(), lambda data, source: data.startswith(b"ours"))
     try:
-        peer.bind(("127.0.0.1", 0))
-        peer.sendto(b"ours 1", sock.local)
-        peer.sendto(b"ours 2", sock.local)
-        wait_readable(sock)
-        sock.connect(peer.getsockname())
-        handed = sock.release(peer.getsockname(), lambda data, source: data.startswith(b"ours"))
-        try:
-            handed.setblocking(False)
-            with pytest.raises(BlockingIOError):
-                handed.recv(2048)
-            peer.sendto(b"program data", sock.local)
-            handed.settimeout(1.0)
-            assert handed.recv(2048) == b"program data"
-        finally:
-            handed.close()
+        handed.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            handed.recv(2048)
+        peer.sendto(b"program data", sock.local)
+        handed.settimeout(1.0)
+        assert handed.recv(2048) == b"program data"
     finally:
-        peer.close()
+        handed.close()
 
 
-def test_nothing_from_elsewhere_reaches_the_program_after_connect() -> None:
+def test_nothing_from_elsewhere_reaches_the_program_after_connect(
+    on_loopback: tuple[TunnelSocket, socket.socket],
+) -> None:
     """
     A stranger floods the tunnel socket before and after the remote is
     chosen: what came before the connect is consumed, however much of it
     there is, and nothing from the stranger arrives after it.
     """
-    reactor = FakeReactor()
-    sock = TunnelSocket(reactor, lambda d, s: None, lambda d, s: False, bind=("127.0.0.1", 0))  # type: ignore[arg-type]
-    peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock, peer = on_loopback
     stranger = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
-        peer.bind(("127.0.0.1", 0))
         stranger.bind(("127.0.0.1", 0))
         for i in range(200):  # a flood queued before the remote was chosen
             stranger.sendto(b"injected %d" % i, sock.local)
@@ -1424,7 +1431,6 @@ def test_nothing_from_elsewhere_reaches_the_program_after_connect() -> None:
         finally:
             handed.close()
     finally:
-        peer.close()
         stranger.close()
 
 
