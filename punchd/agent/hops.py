@@ -41,6 +41,8 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from punchd.agent.tunnel_socket import TRANSIENT
+
 log = Logger()
 
 #: Linux's C{IP_RECVERR} (not in Python's socket module everywhere).
@@ -67,8 +69,6 @@ MIN_PRIMER_TTL = 2
 #: A primer dies a hop short of the farthest router when that still leaves
 #: it this far out.
 MARGIN_FROM = 3
-#: What a send reports for an earlier datagram's ICMP error.
-ICMP_ERRNOS = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH})
 #: Traces one agent runs at once; more introductions go without a primer.
 MAX_TRACES = 4
 #: How long, and for how many addresses, a trace's finding is kept.
@@ -259,7 +259,7 @@ def _send(sock: ErrorQueueSocket, address: tuple[str, int]) -> None:
             sock.sendto(b"", address)
             return
         except OSError as e:
-            if e.errno not in ICMP_ERRNOS:
+            if e.errno not in TRANSIENT:
                 raise
     raise OSError(errno.EIO, "every send reported an earlier ICMP error")
 
