@@ -90,6 +90,14 @@ class CandidateKind(enum.IntEnum):
         """
         return 0.5 if self is CandidateKind.RELAY else None
 
+    @property
+    def at_a_nat(self) -> bool:
+        """
+        The address is a NAT's public one (its own mapping, or a port the
+        gateway mapped for us): where a peer's NAT is.
+        """
+        return self in (CandidateKind.SRFLX, CandidateKind.MAPPED)
+
 
 @dataclass(frozen=True, slots=True)
 class Candidate:

@@ -19,7 +19,7 @@ from punchd.agent.api import TunnelFailed
 from punchd.agent.hops import primer_ttl
 from punchd.agent.tunnel_core import CONFIRM_COPIES, LINGER_MIN
 from punchd.keys import PublicKey
-from punchd.wire import Candidate, CandidateKind
+from punchd.wire import Candidate
 
 if TYPE_CHECKING:
     from punchd.agent.tunnel import TunnelInputs
@@ -138,8 +138,7 @@ class Responder:
 
     def _public_address(self) -> str | None:
         "The peer's public IPv4 address, where its NAT is."
-        public = (CandidateKind.SRFLX, CandidateKind.MAPPED)
-        found = (c.host for c in self.candidates if c.kind in public and ":" not in c.host)
+        found = (c.host for c in self.candidates if c.kind.at_a_nat and ":" not in c.host)
         return next(found, None)
 
     def checks_started(self, core: TunnelCore) -> None:

@@ -266,8 +266,7 @@ class TunnelCore:
             return
         # Only the traced address: the TTL says nothing of the path to another.
         host, ttl = self.primer
-        public = (CandidateKind.SRFLX, CandidateKind.MAPPED)
-        primed = [p for p in self.pairs if p.remote.kind in public and p.remote.host == host]
+        primed = [p for p in self.pairs if p.remote.kind.at_a_nat and p.remote.host == host]
         for pair in primed:
             self.io.prime(
                 pair.local, self.signer.check(stun.new_transaction_id(), False), pair.address, ttl
