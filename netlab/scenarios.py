@@ -21,6 +21,12 @@ from netlab.lab import RENDEZVOUS_ADDRESS, Host, Lab, Profile, Site
 RENDEZVOUS_PORT = 3478
 #: The rendezvous's second Binding port, so that agents can tell a hard NAT.
 ALTERNATE_PORT = 3479
+#: Agent settings for tests that expect birthday probing to go direct every
+#: time: twice the default probes in the same 4.8 s.  With the defaults one
+#: tunnel in about 120 stays relayed (1 - 256/64512 per probe, 1,200 probes),
+#: which a suite of several such tunnels meets every few runs; with these,
+#: one in about 14,000.  The default's rate is bench/bench_birthday.py's.
+SURE_BIRTHDAY = "hard_nat_budget = 2400\nhard_nat_probe_rate = 500.0\n"
 
 #: Profiles a pair of peers may have; "public" means no NAT at all.
 PAIR_PROFILES = ("public", "cone", "full-cone", "symmetric", "cgnat")
@@ -281,14 +287,15 @@ def host_of(profile: str, instance: int) -> str:
     return site if profile == "public" else f"{site}1"
 
 
-def build_matrix_world(lab: Lab, keepalive: float = 2.0) -> World:
+def build_matrix_world(lab: Lab, keepalive: float = 2.0, agent_extra: str = "") -> World:
     """
     Two sites of every profile, a same-LAN site with two hosts, two cone
     NATs whose input chains admit unsolicited WAN traffic (docs/architecture.rst, "The NAT lab"),
     and one more plain cone to face them.  (Two such NATs behind routers
-    of their ISPs: tests/netlab/test_open_input.py.)
+    of their ISPs: tests/netlab/test_open_input.py.)  C{agent_extra} goes
+    into every agent's configuration.
     """
-    world = World(lab, keepalive=keepalive, alternate_port=ALTERNATE_PORT)
+    world = World(lab, keepalive=keepalive, alternate_port=ALTERNATE_PORT, agent_extra=agent_extra)
     for profile, names in SITE_NAMES.items():
         for name in names:
             world.add(name, profile)
